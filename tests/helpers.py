@@ -29,3 +29,28 @@ def randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+# ---- Tolerances: one rule, one table ------------------------------------------------------
+#
+# The fused result's error against a float64 reference may be at most 2x the error eager
+# PyTorch makes in the same dtype, plus a floor of two units of roundoff of the storage dtype.
+# The floor covers rounding the fused kernels do in a different place than eager (the residual
+# added to the fp32 accumulator before the one final rounding, where eager rounds the conv
+# output first; statistics taken in fp32 tiles instead of one reduction), each at most about
+# one ulp in relative norm; it matters only where eager itself happens to be nearly exact.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24,
+                 torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def tolerance(dtype: torch.dtype, eager_err: float) -> float:
+    return 2.0 * eager_err + 2.0 * UNIT_ROUNDOFF[dtype]
+
+
+def assert_parity(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+                  what: str = "") -> None:
+    """The 2x-eager rule: rel_err(fused, exact) <= 2 rel_err(eager, exact) + floor(dtype)."""
+    assert fused.shape == exact.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
+    err, eager_err = rel_err(fused, exact), rel_err(eager, exact)
+    bound = tolerance(dtype, eager_err)
+    assert err <= bound, f"{what}: fused error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {dtype})"

@@ -1,0 +1,164 @@
+"""Drop-in fused blocks: the reference blocks' constructor, state_dict and semantics, fused ops.
+
+``FusedBottleneck`` / ``FusedBasicBlock`` subclass the reference ``PreActBottleneck`` /
+``PreActBasicBlock``: same arguments (plus ``backend``), same parameters and buffers under the
+same keys, so weights load both ways without renaming. The forward calls one fused op per
+block, then updates the running statistics with nn.BatchNorm2d's formulas (unbiased running
+variance, momentum=None as a cumulative average computed on the device: no host sync).
+
+Dtypes as eager: after ``.to(dtype)`` everything runs in that dtype (statistics still in fp32);
+under ``torch.autocast`` the block casts the input and conv weights to the autocast dtype, as
+eager's autocast does for a conv, and keeps BN parameters and buffers in fp32.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import reference
+from .backends import block_backend, resolve_backend
+from .ops import blocks as block_ops
+
+__all__ = ["FusedBottleneck", "FusedBasicBlock"]
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _FusedBlock:
+    """What both fused blocks share: dtype handling, the op call, running statistics."""
+
+    backend: str
+
+    def _norms(self) -> list[nn.BatchNorm2d]:
+        raise NotImplementedError
+
+    def _conv_weights(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _prepare(self, x: Tensor) -> tuple[Tensor, list[Tensor], Optional[Tensor]]:
+        """Input and weights in the compute dtype (autocast's, or the module's own)."""
+        weights = self._conv_weights()
+        w_proj = self.downsample.conv.weight if self.downsample is not None else None
+        cast = _autocast_dtype(x.device.type)
+        if cast is not None and x.is_floating_point():
+            x = x.to(cast)
+            weights = [w.to(cast) for w in weights]
+            w_proj = w_proj.to(cast) if w_proj is not None else None
+        if weights[0].dtype != x.dtype:
+            raise TypeError(
+                f"{type(self).__name__}: input dtype {x.dtype} and weight dtype {weights[0].dtype} "
+                "differ; convert the module with .to(dtype), or run it under torch.autocast")
+        if weights[0].device != x.device:
+            raise RuntimeError(
+                f"{type(self).__name__}: input on {x.device} but parameters on {weights[0].device}; "
+                "move the module or the input so they share a device")
+        return x, weights, w_proj
+
+    def _norm_args(self, x: Tensor) -> dict:
+        norms = self._norms()
+        training = [bool(n.training or n.running_mean is None) for n in norms]
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return dict(
+            bn_weights=[n.weight for n in norms], bn_biases=[n.bias for n in norms],
+            running_means=[n.running_mean if n.running_mean is not None else empty for n in norms],
+            running_vars=[n.running_var if n.running_var is not None else empty for n in norms],
+            training=training, eps=[float(n.eps) for n in norms])
+
+    def _fold_eval(self, x: Tensor, training: Sequence[bool]) -> bool:
+        """Eval-mode folding applies when no norm trains and nothing needs a gradient."""
+        if any(training):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _update_running_stats(self, training: Sequence[bool], stats: Sequence[Tensor],
+                              counts: Sequence[int]) -> None:
+        for i, (norm, trains) in enumerate(zip(self._norms(), training)):
+            if trains and norm.training and norm.running_mean is not None:
+                reference.update_running_stats(
+                    norm.running_mean, norm.running_var, norm.num_batches_tracked,
+                    stats[2 * i], stats[2 * i + 1], counts[i], norm.momentum)
+
+    @staticmethod
+    def _output_format(x: Tensor, out: Tensor) -> Tensor:
+        # The op computes channels_last; an NCHW-contiguous input gets an NCHW output back.
+        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            return out.contiguous()
+        return out
+
+
+class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
+    """A pre-activation bottleneck running fused kernels; arguments as ``PreActBottleneck``.
+
+    Args:
+        backend: ``"triton"`` (default), ``"reference"`` (eager), see ``backends.py``.
+        *args, **kwargs: ``PreActBottleneck``'s (in_chs, out_chs, bottle_ratio, stride, groups,
+            shortcut, stride_on, eps, momentum).
+    """
+
+    def __init__(self, *args: Any, backend: str = "triton", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.backend = resolve_backend(backend)
+
+    def _norms(self):
+        return [self.norm1, self.norm2, self.norm3]
+
+    def _conv_weights(self):
+        return [self.conv1.weight, self.conv2.weight, self.conv3.weight]
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        backend = block_backend(self.backend, x.is_cuda)
+        if backend == "reference":
+            return super().forward(x)
+        xc, (w1, w2, w3), w_proj = self._prepare(x)
+        norm_args = self._norm_args(xc)
+        outs = block_ops.bottleneck_forward(
+            xc, w1, w2, w3, w_proj, **norm_args, stride=self.stride, groups=self.groups,
+            shortcut=self.shortcut, stride_on=self.stride_on,
+            fold_eval=self._fold_eval(xc, norm_args["training"]), backend=backend)
+        out = outs[0]
+        n, _, h, w = x.shape
+        s1 = self.stride if self.stride_on == "1x1" else 1
+        counts = (n * h * w, n * -(-h // s1) * -(-w // s1), out.shape[0] * out.shape[2] * out.shape[3])
+        self._update_running_stats(norm_args["training"], outs[1:], counts)
+        return self._output_format(x, out)
+
+
+class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
+    """A pre-activation basic block running fused kernels; arguments as ``PreActBasicBlock``."""
+
+    def __init__(self, *args: Any, backend: str = "triton", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.backend = resolve_backend(backend)
+
+    def _norms(self):
+        return [self.norm1, self.norm2]
+
+    def _conv_weights(self):
+        return [self.conv1.weight, self.conv2.weight]
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        backend = block_backend(self.backend, x.is_cuda)
+        if backend == "reference":
+            return super().forward(x)
+        xc, (w1, w2), w_proj = self._prepare(x)
+        norm_args = self._norm_args(xc)
+        outs = block_ops.basic_block_forward(
+            xc, w1, w2, w_proj, **norm_args, stride=self.stride, groups=self.groups,
+            shortcut=self.shortcut, fold_eval=self._fold_eval(xc, norm_args["training"]),
+            backend=backend)
+        out = outs[0]
+        n, _, h, w = x.shape
+        counts = (n * h * w, out.shape[0] * out.shape[2] * out.shape[3])
+        self._update_running_stats(norm_args["training"], outs[1:], counts)
+        return self._output_format(x, out)
+
+

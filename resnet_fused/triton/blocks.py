@@ -1,0 +1,146 @@
+"""Forward of whole pre-activation blocks from the fused Triton kernels (launcher level).
+
+Bottleneck, train mode (DESIGN section 3), one kernel per convolution:
+
+    K0  partials of x                -> bn1 (mean, var, scale, shift)
+    K1  y1 = conv1x1(relu(bn1(x)))    epilogue: partials of y1 -> bn2
+    K2  y2 = conv3x3(relu(bn2(y1)))   epilogue: partials of y2 -> bn3
+    K3  out = conv1x1(relu(bn3(y2))) + shortcut   (projection: a second K-loop over relu(bn1(x)))
+
+Eval mode folds bn2 into K1's epilogue and bn3 into K2's (each stores the next conv's activated
+input); bn1 stays in K1's prologue because the raw x feeds the identity shortcut. A norm that is
+not training (eval or frozen) uses its running statistics as constants.
+
+No autograd here: ``ops/blocks.py`` registers the op, its fake and its backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import configs
+from .conv import SHORTCUT_ADD, SHORTCUT_PROJECTION, bn_relu_conv
+from .stats import bn_finalize, channel_stats_partials
+
+__all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward"]
+
+_SHORTCUT_CODES = {"identity": SHORTCUT_ADD, "subsample": SHORTCUT_ADD, "projection": SHORTCUT_PROJECTION}
+
+
+@dataclass
+class NormInputs:
+    """One BatchNorm's tensors as the op receives them."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    training: bool
+    eps: float
+
+
+@dataclass
+class _Affine:
+    """The statistics a norm used (fp32) and its affine form."""
+
+    mean: Tensor
+    var: Tensor
+    scale: Tensor
+    shift: Tensor
+
+
+def _affine_from_partials(part: Tensor, norm: NormInputs) -> _Affine:
+    cfg = configs.stats_config(part.device)
+    mean, var, scale, shift = bn_finalize(part, norm.weight, norm.bias, norm.eps,
+                                          block_p=cfg.block_p, block_c=cfg.block_c)
+    return _Affine(mean, var, scale, shift)
+
+
+def _affine_from_running(norm: NormInputs) -> _Affine:
+    mean = norm.running_mean.float()
+    var = norm.running_var.float()
+    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.float(), norm.bias.float(), norm.eps)
+    return _Affine(mean.clone(), var.clone(), scale, shift)
+
+
+def _input_affine(x: Tensor, norm: NormInputs) -> _Affine:
+    if not norm.training:
+        return _affine_from_running(norm)
+    cfg = configs.stats_config(x.device)
+    return _affine_from_partials(channel_stats_partials(x, cfg.block_m, cfg.block_c), norm)
+
+
+def _conv(x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    """bn_relu_conv with the selector's config for this GEMM shape."""
+    n, _, h, w = x.shape
+    c_out, cin_pg, k, _ = weight.shape
+    stride = kwargs.get("stride", 1)
+    m = n * ((h + 2 * (k // 2) - k) // stride + 1) * ((w + 2 * (k // 2) - k) // stride + 1)
+    config = configs.conv_config(m, c_out // kwargs.get("groups", 1), cin_pg * k * k, k, x.dtype, x.device)
+    return bn_relu_conv(x, weight, config=config, **kwargs)
+
+
+def _next_affine(part: Optional[Tensor], norm: NormInputs) -> _Affine:
+    return _affine_from_partials(part, norm) if norm.training else _affine_from_running(norm)
+
+
+def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
+    if kind == "projection":
+        return dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=stride,
+                    proj_weight=w_proj, proj_scale=a1.scale, proj_shift=a1.shift)
+    return dict(shortcut=x, shortcut_kind=_SHORTCUT_CODES[kind], shortcut_stride=stride)
+
+
+def bottleneck_forward(
+    x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
+    norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, stride_on: str,
+    fold_eval: bool,
+) -> tuple[Tensor, list[_Affine]]:
+    """The bottleneck forward; returns the output and the (mean, var) each norm used."""
+    x = x.contiguous(memory_format=torch.channels_last)  # read once per kernel, NHWC
+    s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
+    bn1, bn2, bn3 = norms
+    fold = fold_eval and not (bn1.training or bn2.training or bn3.training)
+    a1 = _input_affine(x, bn1)
+    if fold:
+        # Eval: bn2 and bn3 are constants, applied in the producing conv's epilogue.
+        a2, a3 = _affine_from_running(bn2), _affine_from_running(bn3)
+        act2, _ = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=s1,
+                        post_scale=a2.scale, post_shift=a2.shift)
+        act3, _ = _conv(act2, w2, stride=s2, groups=groups, post_scale=a3.scale, post_shift=a3.shift)
+        out, _ = _conv(act3, w3, **_shortcut_args(x, a1, shortcut, stride, w_proj))
+        return out, [a1, a2, a3]
+    y1, part1 = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=s1, emit_stats=bn2.training)
+    a2 = _next_affine(part1, bn2)
+    y2, part2 = _conv(y1, w2, scale=a2.scale, shift=a2.shift, stride=s2, groups=groups,
+                      emit_stats=bn3.training)
+    a3 = _next_affine(part2, bn3)
+    out, _ = _conv(y2, w3, scale=a3.scale, shift=a3.shift, **_shortcut_args(x, a1, shortcut, stride, w_proj))
+    return out, [a1, a2, a3]
+
+
+def basic_block_forward(
+    x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
+    norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, fold_eval: bool,
+) -> tuple[Tensor, list[_Affine]]:
+    """The basic block forward: two fused 3x3 convs, the second with the shortcut."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    bn1, bn2 = norms
+    fold = fold_eval and not (bn1.training or bn2.training)
+    a1 = _input_affine(x, bn1)
+    if fold:
+        a2 = _affine_from_running(bn2)
+        act2, _ = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=stride, groups=groups,
+                        post_scale=a2.scale, post_shift=a2.shift)
+        out, _ = _conv(act2, w2, groups=groups, **_shortcut_args(x, a1, shortcut, stride, w_proj))
+        return out, [a1, a2]
+    y1, part1 = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=stride, groups=groups,
+                      emit_stats=bn2.training)
+    a2 = _next_affine(part1, bn2)
+    out, _ = _conv(y1, w2, scale=a2.scale, shift=a2.shift, groups=groups,
+                   **_shortcut_args(x, a1, shortcut, stride, w_proj))
+    return out, [a1, a2]

@@ -1,0 +1,110 @@
+"""Launch-configuration choice for the Triton kernels: our own table, not ``triton.autotune``.
+
+``triton.autotune`` cannot run under the CPU interpreter ("0 active drivers") and re-tunes on
+every new shape at run time; the table below is a function of the GEMM shape and the device,
+filtered by the device's shared memory, so the configs the selector can return are a finite
+list that a test compiles for sm_90 ahead of time (``all_configs``).
+
+Tests force small configs with :func:`forced_configs` so that multi-tile M/N/K, partial tiles
+and cross-tile statistics merges all run at tiny shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .conv import ConvConfig
+
+__all__ = ["StatsConfig", "conv_config", "stats_config", "forced_configs", "all_conv_configs",
+           "shared_memory_bytes", "SHARED_MEMORY_LIMITS"]
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Tile sizes of the statistics pass and of the partials merge."""
+
+    block_m: int = 128
+    block_c: int = 64
+    block_p: int = 64
+
+
+#: Usable shared memory per block by compute capability (bytes): sm_90 227 KB, sm_80 164 KB,
+#: sm_86/sm_89 99 KB. Unknown devices get the smallest.
+SHARED_MEMORY_LIMITS = {(9, 0): 227 * 1024, (8, 0): 164 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024}
+
+# GPU table, (kernel size, 16-bit?) -> configs in order of preference. First measured-free
+# defaults from the DESIGN probes (128x64 tiles, K 64 for 16-bit); the GPU benchmark refines them.
+_GPU_TABLE: dict[tuple[int, bool], list[ConvConfig]] = {
+    (1, True): [ConvConfig(128, 128, 64, 8, 3), ConvConfig(128, 64, 64, 4, 3), ConvConfig(64, 64, 32, 4, 2)],
+    (3, True): [ConvConfig(128, 64, 64, 4, 3), ConvConfig(64, 64, 32, 4, 2)],
+    (1, False): [ConvConfig(64, 64, 32, 4, 3), ConvConfig(32, 32, 32, 4, 2)],
+    (3, False): [ConvConfig(64, 64, 32, 4, 3), ConvConfig(32, 32, 32, 4, 2)],
+}
+# Under the interpreter larger tiles are cheaper (numpy per program): few programs, big arrays.
+_INTERPRETER_CONFIG = ConvConfig(64, 64, 32, 4, 1)
+
+_forced: dict[str, object] = {}
+
+
+def shared_memory_bytes(config: ConvConfig, element_size: int) -> int:
+    """Operand staging of a pipelined GEMM: num_stages copies of the A and B tiles."""
+    return config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return SHARED_MEMORY_LIMITS.get((major, minor), min(SHARED_MEMORY_LIMITS.values()))
+
+
+def _fits(config: ConvConfig, n: int, k: int) -> bool:
+    # Narrow GEMMs (a 64-wide conv2_x layer) waste half of a 128-wide N tile.
+    return not (config.block_n > 64 and n <= 64)
+
+
+def all_conv_configs() -> list[tuple[int, torch.dtype, ConvConfig]]:
+    """Every (kernel size, dtype, config) the GPU selector can return: what the AOT test compiles."""
+    out = []
+    for (ksize, sixteen), configs in _GPU_TABLE.items():
+        dtypes = (torch.bfloat16, torch.float16) if sixteen else (torch.float32,)
+        out += [(ksize, dtype, c) for dtype in dtypes for c in configs]
+    return out
+
+
+def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
+                device: torch.device) -> ConvConfig:
+    """The launch config of a fused conv: GEMM [m, k] x [k, n] per group, kernel ``ksize``."""
+    if "conv" in _forced:
+        return _forced["conv"]  # type: ignore[return-value]
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    limit = _shared_memory_limit(device)
+    element = torch.tensor([], dtype=dtype).element_size()
+    for config in _GPU_TABLE[(ksize, sixteen)]:
+        if shared_memory_bytes(config, element) <= limit and _fits(config, n, k):
+            return config
+    return _GPU_TABLE[(ksize, sixteen)][-1]
+
+
+def stats_config(device: torch.device) -> StatsConfig:
+    if "stats" in _forced:
+        return _forced["stats"]  # type: ignore[return-value]
+    return StatsConfig()
+
+
+@contextlib.contextmanager
+def forced_configs(conv: Optional[ConvConfig] = None, stats: Optional[StatsConfig] = None) -> Iterator[None]:
+    """Use these configs for every launch inside the block (tests: small tiles, many of them)."""
+    saved = dict(_forced)
+    if conv is not None:
+        _forced["conv"] = conv
+    if stats is not None:
+        _forced["stats"] = stats
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)

@@ -1,0 +1,227 @@
+"""The fused convolution: BN-apply + ReLU prologue, implicit GEMM, fused epilogues.
+
+One kernel serves every convolution of a pre-activation block (1x1 and 3x3, stride 1 or 2,
+groups), NHWC, fp32 accumulation:
+
+    out[m, n] = sum_k act(x)[row(m, tap), k] * W[tap, k, n]  (+ shortcut)
+
+* prologue: ``act = relu(x * scale + shift)`` per input channel, in fp32, applied to the
+  operand tile as it is loaded, THEN the padded positions are zeroed (padding is zero in the
+  activated domain; a zero-filled load would otherwise become relu(shift));
+* shortcut, in the same accumulator or epilogue: ``add`` (identity, or TF-slim's subsample
+  ``x[:, :, ::s, ::s]``), or ``projection``, a second K-loop over relu(bn1(x)) at the strided
+  rows times the 1x1 projection weights, so [a | a1] x [W ; Ws] is one GEMM;
+* epilogue: per-tile (count, mean, M2) of the stored output for the next BatchNorm (see
+  ``stats.py``), and in eval mode the next BN + ReLU folded in (the kernel then stores the
+  next conv's activated input, and that conv runs without a prologue).
+
+Statistics are taken of the value as stored (rounded to the storage dtype), as eager BN sees it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import launch
+from .stats import _store_tile_stats, new_partials
+
+__all__ = ["ConvConfig", "SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "bn_relu_conv",
+           "pack_weight", "dot_precision"]
+
+SHORTCUT_NONE, SHORTCUT_ADD, SHORTCUT_PROJECTION = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes and launch parameters of one fused convolution launch."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@triton.jit
+def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr,
+                  PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Load an operand tile [BLOCK_M, BLOCK_K], activate it, zero what lies outside the image."""
+    valid = row_valid[:, None] & k_valid[None, :]
+    a = tl.load(ptr + row_offsets[:, None] + ks[None, :], mask=valid, other=0.0)
+    if PROLOGUE:
+        scale = tl.load(scale_ptr + ks, mask=k_valid, other=0.0)
+        shift = tl.load(shift_ptr + ks, mask=k_valid, other=0.0)
+        act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        # Padding and tile overhang are zero in the ACTIVATED domain: relu(shift) is not zero.
+        a = tl.where(valid, act, 0.0)
+    return a.to(DOT_DTYPE)
+
+
+@triton.jit
+def _bn_relu_conv_kernel(
+    x_ptr, x_scale_ptr, x_shift_ptr, w_ptr, out_ptr,
+    sc_ptr, sc_scale_ptr, sc_shift_ptr, sc_w_ptr,
+    part_ptr, post_scale_ptr, post_shift_ptr,
+    M, H_in, W_in, C_in, H_out, W_out, C_out, cin_pg, cout_pg,
+    H_sc, W_sc, C_sc,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, SC_STRIDE: tl.constexpr,
+    PROLOGUE: tl.constexpr, SHORTCUT: tl.constexpr, SC_PROLOGUE: tl.constexpr,
+    EMIT_STATS: tl.constexpr, POST_BN_RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_tiles_m = tl.num_programs(0)
+    tiles_per_group = tl.cdiv(cout_pg, BLOCK_N)
+    group = pid_n // tiles_per_group
+    cols_local = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols_local < cout_pg
+    cols = group * cout_pg + cols_local
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < M
+    hw_out = H_out * W_out
+    img = rows // hw_out
+    oh = (rows % hw_out) // W_out
+    ow = rows % W_out
+    dot_dtype = w_ptr.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    PAD: tl.constexpr = KSIZE // 2
+    for tap in tl.static_range(KSIZE * KSIZE):
+        ih = oh * STRIDE - PAD + tap // KSIZE
+        iw = ow * STRIDE - PAD + tap % KSIZE
+        inside = row_valid & (ih >= 0) & (ih < H_in) & (iw >= 0) & (iw < W_in)
+        row_offsets = ((img * H_in + ih) * W_in + iw).to(tl.int64) * C_in + group * cin_pg
+        for k0 in range(0, cin_pg, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_valid = ks < cin_pg
+            a = _bn_relu_load(x_ptr, row_offsets, inside, ks, k_valid,
+                              x_scale_ptr + group * cin_pg, x_shift_ptr + group * cin_pg,
+                              PROLOGUE, dot_dtype)
+            b = tl.load(w_ptr + (tap * cin_pg + ks)[:, None].to(tl.int64) * C_out + cols[None, :],
+                        mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if SHORTCUT != 0:
+        # Shortcut rows: the block input at the strided output position.
+        sc_rows = ((img * H_sc + oh * SC_STRIDE) * W_sc + ow * SC_STRIDE).to(tl.int64) * C_sc
+        if SHORTCUT == 2:
+            for k0 in range(0, C_sc, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_valid = ks < C_sc
+                a = _bn_relu_load(sc_ptr, sc_rows, row_valid, ks, k_valid, sc_scale_ptr, sc_shift_ptr,
+                                  SC_PROLOGUE, dot_dtype)
+                b = tl.load(sc_w_ptr + ks[:, None].to(tl.int64) * C_out + cols[None, :],
+                            mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            res = tl.load(sc_ptr + sc_rows[:, None] + cols[None, :],
+                          mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+            acc += res.to(tl.float32)
+
+    y = acc.to(out_ptr.dtype.element_ty)
+    if EMIT_STATS:
+        _store_tile_stats(part_ptr, y.to(tl.float32), row_valid, pid_m, n_tiles_m, cols, col_valid, C_out)
+    if POST_BN_RELU:
+        post_scale = tl.load(post_scale_ptr + cols, mask=col_valid, other=0.0)
+        post_shift = tl.load(post_shift_ptr + cols, mask=col_valid, other=0.0)
+        y = tl.maximum(y.to(tl.float32) * post_scale[None, :] + post_shift[None, :], 0.0)
+        y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C_out + cols[None, :], y,
+             mask=row_valid[:, None] & col_valid[None, :])
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """(C_out, C_in/groups, kh, kw) -> [kh*kw*C_in/groups, C_out]: the GEMM's B, K-major by tap."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 convs use TF32 only when PyTorch's own conv flag allows it, as cuDNN would."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def bn_relu_conv(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    stride: int = 1,
+    groups: int = 1,
+    shortcut: Optional[Tensor] = None,
+    shortcut_kind: int = SHORTCUT_NONE,
+    shortcut_stride: int = 1,
+    proj_weight: Optional[Tensor] = None,
+    proj_scale: Optional[Tensor] = None,
+    proj_shift: Optional[Tensor] = None,
+    emit_stats: bool = False,
+    post_scale: Optional[Tensor] = None,
+    post_shift: Optional[Tensor] = None,
+    config: ConvConfig = ConvConfig(),
+) -> tuple[Tensor, Optional[Tensor]]:
+    """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues.
+
+    ``x`` and ``shortcut`` are (N, C, H, W) tensors, used in channels_last memory; ``scale`` /
+    ``shift`` (fp32, per input channel) None means no prologue. Returns the channels_last output
+    and, with ``emit_stats``, its statistics partials [3, n_tiles_m, C_out].
+    """
+    n, c_in, h_in, w_in = x.shape
+    c_out, cin_pg, kh, kw = weight.shape
+    if kh != kw or kh not in (1, 3):
+        raise ValueError(f"fused conv supports 1x1 and 3x3 kernels, got {kh}x{kw}")
+    if cin_pg * groups != c_in:
+        raise ValueError(f"weight {tuple(weight.shape)} with groups={groups} does not match {c_in} channels")
+    pad = kh // 2
+    h_out = (h_in + 2 * pad - kh) // stride + 1
+    w_out = (w_in + 2 * pad - kw) // stride + 1
+    m = n * h_out * w_out
+    x = _nhwc(x)
+    out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    n_tiles_m = triton.cdiv(m, config.block_m)
+    part = new_partials(n_tiles_m, c_out, x.device) if emit_stats else out
+    w_packed = pack_weight(weight.to(x.dtype))
+    if shortcut is not None:
+        shortcut = _nhwc(shortcut)
+        _, c_sc, h_sc, w_sc = shortcut.shape
+    else:
+        shortcut, c_sc, h_sc, w_sc = x, 0, 1, 1
+    sc_w = pack_weight(proj_weight.to(x.dtype)) if proj_weight is not None else w_packed
+    dummy = out  # pointer arguments a constexpr switch never reads
+    cout_pg = c_out // groups
+    grid = (n_tiles_m, groups * triton.cdiv(cout_pg, config.block_n))
+    launch(
+        _bn_relu_conv_kernel, grid, x,
+        x, scale if scale is not None else dummy, shift if shift is not None else dummy, w_packed, out,
+        shortcut, proj_scale if proj_scale is not None else dummy,
+        proj_shift if proj_shift is not None else dummy, sc_w,
+        part, post_scale if post_scale is not None else dummy,
+        post_shift if post_shift is not None else dummy,
+        m, h_in, w_in, c_in, h_out, w_out, c_out, cin_pg, cout_pg,
+        h_sc, w_sc, c_sc,
+        KSIZE=kh, STRIDE=stride, SC_STRIDE=shortcut_stride,
+        PROLOGUE=scale is not None, SHORTCUT=shortcut_kind, SC_PROLOGUE=proj_scale is not None,
+        EMIT_STATS=emit_stats, POST_BN_RELU=post_scale is not None,
+        DOT_PRECISION=dot_precision(x.dtype),
+        **config.meta(),
+    )
+    return out, (part if emit_stats else None)

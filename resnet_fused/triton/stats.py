@@ -1,0 +1,142 @@
+"""Per-channel BatchNorm statistics in Triton: per-tile partials and a fixed-order merge.
+
+Every producer of statistics (this module's pass over a raw input, and the epilogue of every
+fused convolution) writes per-tile partials ``(count, mean, M2)`` of shape ``[3, P, C]``:
+tile-local two-pass moments, exact within the tile. ``_bn_finalize_kernel`` merges the P
+partials of each channel by Chan's parallel formula, in fp32, in an order fixed by the launch
+configuration, so results are bitwise reproducible (no float atomics) and do not cancel when
+|mean| >> std (where sum / sum-of-squares loses every digit: mean 1e3, std 1 in fp32).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import launch
+
+__all__ = ["channel_stats_partials", "bn_finalize", "new_partials"]
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s pairwise merge of (count, mean, M2); an empty side leaves the other as is."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+@triton.jit
+def _store_tile_stats(part_ptr, values, row_valid, tile_index, n_tiles, cols, col_valid, C):
+    """Store one tile's per-column (count, mean, M2) into partials [3, n_tiles, C].
+
+    ``values`` is fp32 [BLOCK_M, BLOCK_N]; rows outside ``row_valid`` do not count. Two passes
+    over registers (mean, then squared deviations) keep M2 exact within the tile.
+    """
+    valid = row_valid[:, None] & col_valid[None, :]
+    count = tl.sum(row_valid.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tl.maximum(count, 1.0)
+    dev = tl.where(valid, values - mean[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    offs = tile_index * C + cols
+    plane = n_tiles * C
+    tl.store(part_ptr + offs, tl.zeros_like(mean) + count, mask=col_valid)
+    tl.store(part_ptr + plane + offs, mean, mask=col_valid)
+    tl.store(part_ptr + 2 * plane + offs, m2, mask=col_valid)
+
+
+@triton.jit
+def _channel_stats_partial_kernel(
+    x_ptr, part_ptr,
+    M, C, stride_m,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partials of an NHWC tensor viewed as [M = N*H*W, C] (row stride ``stride_m``)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_valid = rows < M
+    col_valid = cols < C
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :],
+                mask=row_valid[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+    _store_tile_stats(part_ptr, x, row_valid, pid_m, tl.num_programs(0), cols, col_valid, C)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    part_ptr, weight_ptr, bias_ptr,
+    mean_ptr, var_ptr, scale_ptr, shift_ptr,
+    P, C, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge partials [3, P, C] -> mean, biased var, and the BN affine scale/shift (fp32).
+
+    Each step reduces a [BLOCK_P, BLOCK_C] block of partials with a fixed reduction tree, then
+    merges it into the running result: P / BLOCK_P sequential steps, all in a fixed order.
+    """
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_valid = cols < C
+    n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    plane = P * C
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < P)[:, None] & col_valid[None, :]
+        offs = ps[:, None] * C + cols[None, :]
+        bn = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        bmean = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+        bm2 = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        bn, bmean, bm2 = tl.reduce((bn, bmean, bm2), 0, _chan_merge)
+        n, mean, m2 = _chan_merge(n, mean, m2, bn, bmean, bm2)
+    var = m2 / tl.maximum(n, 1.0)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + cols, mask=col_valid, other=1.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + cols, mean, mask=col_valid)
+    tl.store(var_ptr + cols, var, mask=col_valid)
+    tl.store(scale_ptr + cols, scale, mask=col_valid)
+    tl.store(shift_ptr + cols, shift, mask=col_valid)
+
+
+def new_partials(n_tiles: int, channels: int, device: torch.device) -> Tensor:
+    """Uninitialised partials buffer [3, n_tiles, channels] (every entry is written once)."""
+    return torch.empty((3, n_tiles, channels), dtype=torch.float32, device=device)
+
+
+def channel_stats_partials(x: Tensor, block_m: int = 128, block_c: int = 64) -> Tensor:
+    """Partials of an (N, C, H, W) tensor, read in channels_last memory (copied there if not)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    m = n * h * w
+    n_tiles = triton.cdiv(m, block_m)
+    part = new_partials(n_tiles, c, x.device)
+    launch(_channel_stats_partial_kernel, (n_tiles, triton.cdiv(c, block_c)), x,
+           x, part, m, c, c, BLOCK_M=block_m, BLOCK_C=block_c)
+    return part
+
+
+def bn_finalize(
+    part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    block_p: int = 64, block_c: int = 64,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, biased var, scale, shift), each fp32 [C], from partials [3, P, C]."""
+    _, p, c = part.shape
+    out = torch.empty((4, c), dtype=torch.float32, device=part.device)
+    mean, var, scale, shift = out.unbind(0)
+    launch(_bn_finalize_kernel, (triton.cdiv(c, block_c),), part,
+           part, weight if weight is not None else part, bias if bias is not None else part,
+           mean, var, scale, shift, p, c, eps,
+           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+           BLOCK_P=block_p, BLOCK_C=block_c)
+    return mean, var, scale, shift

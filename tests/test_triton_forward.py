@@ -1,0 +1,315 @@
+"""Triton forward parity with the reference, run under the interpreter on the CPU.
+
+Every test asserts that the fused Triton kernels really launched (a silent fallback to the
+reference would pass any parity check), and forces small tiles (16x16x16, statistics merged two
+partials at a time) so that multi-tile M/N/K, partial tiles and cross-tile statistics merges
+run at these tiny shapes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from helpers import assert_parity, randomize_bn
+from resnet_fused import reference as ref
+from resnet_fused.ops import blocks as block_ops
+from resnet_fused.triton.configs import StatsConfig, forced_configs
+from resnet_fused.triton.conv import ConvConfig
+from resnet_fused.triton.launch import launch_counts, reset_launch_counts
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+
+SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (block, kwargs, input (N, H, W)): odd widths (12, 20), 7x7 and 5x9, batch 1, every shortcut.
+CASES = {
+    "bottleneck-identity": ("bottleneck", dict(in_chs=20, out_chs=20, bottle_ratio=0.6), (2, 7, 7)),
+    "bottleneck-projection-s2": ("bottleneck", dict(in_chs=12, out_chs=20, bottle_ratio=0.6, stride=2), (2, 7, 7)),
+    "bottleneck-subsample-b1": ("bottleneck", dict(in_chs=20, out_chs=20, bottle_ratio=0.6, stride=2,
+                                                   shortcut="subsample"), (1, 5, 9)),
+    "resnext-g2": ("bottleneck", dict(in_chs=16, out_chs=24, bottle_ratio=0.5, groups=2), (2, 5, 9)),
+    "resnext-g4-s2": ("bottleneck", dict(in_chs=16, out_chs=32, bottle_ratio=0.5, stride=2, groups=4), (2, 6, 6)),
+    "bottleneck-stride-on-1x1": ("bottleneck", dict(in_chs=12, out_chs=24, bottle_ratio=0.5, stride=2,
+                                                    stride_on="1x1"), (2, 7, 7)),
+    "basic-identity": ("basic", dict(in_chs=12, out_chs=12), (2, 7, 7)),
+    "basic-projection-s2": ("basic", dict(in_chs=12, out_chs=20, stride=2), (1, 5, 9)),
+    "basic-g2-subsample": ("basic", dict(in_chs=16, out_chs=16, stride=2, groups=2, shortcut="subsample"), (2, 7, 7)),
+}
+CONVS = {"bottleneck": 3, "basic": 2}
+NORMS = {"bottleneck": 3, "basic": 2}
+
+
+def make_pair(case: str, dtype: torch.dtype, gen: torch.Generator):
+    """A fused block in ``dtype``, and its float64 and same-dtype eager twins, same weights."""
+    kind, kwargs, _ = CASES[case]
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    fused = rf.make_block(kind, backend="triton", **kwargs)
+    randomize_bn(fused, gen)
+    exact = rf.make_block(kind, backend="reference", **kwargs)
+    exact.load_state_dict(fused.state_dict())
+    eager = copy.deepcopy(exact)
+    return fused.to(DEVICE, dtype), exact.to(DEVICE, torch.float64), eager.to(DEVICE, dtype)
+
+
+def make_input(case, dtype, gen, offset=0.0, spread=1.0, memory_format=torch.channels_last):
+    _, kwargs, (n, h, w) = CASES[case]
+    x = torch.randn(n, kwargs["in_chs"], h, w, generator=gen, dtype=torch.float64) * spread + offset
+    return x.to(DEVICE, dtype).contiguous(memory_format=memory_format)
+
+
+def set_mode(modules, mode):
+    for m in modules:
+        m.train(mode == "train")
+        if mode == "frozen":  # eval-mode norms inside a training block
+            m.train()
+            for norm in m.modules():
+                if isinstance(norm, torch.nn.BatchNorm2d):
+                    norm.eval()
+
+
+def run_fused(fused, x, grad=False):
+    reset_launch_counts()
+    with forced_configs(SMALL_CONV, SMALL_STATS), torch.set_grad_enabled(grad):
+        return fused(x)
+
+
+def assert_kernels_ran(kind, mode, folded):
+    counts = launch_counts()
+    assert counts["_bn_relu_conv_kernel"] == CONVS[kind], counts
+    expected_stats = NORMS[kind] if mode == "train" else 0
+    assert counts["_bn_finalize_kernel"] == expected_stats, counts
+    assert counts["_channel_stats_partial_kernel"] == (1 if mode == "train" else 0), counts
+
+
+def check_running_stats(fused, exact, eager, dtype):
+    for key, value in exact.state_dict().items():
+        if "running" in key:
+            assert_parity(fused.state_dict()[key], eager.state_dict()[key], value, dtype, key)
+        elif key.endswith("num_batches_tracked"):
+            assert int(fused.state_dict()[key]) == int(value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_parity(case, mode, dtype, gen):
+    fused, exact, eager = make_pair(case, dtype, gen)
+    layout = torch.channels_last if hash(case) % 2 else torch.contiguous_format
+    x = make_input(case, dtype, gen, memory_format=layout)
+    set_mode((fused, exact, eager), mode)
+    grad = mode == "frozen"
+    out = run_fused(fused, x, grad=grad)
+    assert_kernels_ran(CASES[case][0], mode, folded=mode == "eval")
+    with torch.set_grad_enabled(grad):
+        expected = exact(x.double())
+        eager_out = eager(x)
+    assert out.dtype == dtype and out.device == x.device
+    assert_parity(out, eager_out, expected, dtype, "output")
+    check_running_stats(fused, exact, eager, dtype)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "basic-projection-s2"])
+def test_output_keeps_input_memory_format(case, memory_format, gen):
+    fused, exact, _ = make_pair(case, torch.float32, gen)
+    x = make_input(case, torch.float32, gen, memory_format=memory_format)
+    out = run_fused(fused.train(), x)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert_kernels_ran(CASES[case][0], "train", folded=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["bottleneck-identity", "bottleneck-projection-s2", "basic-projection-s2"])
+def test_large_channel_offset(case, dtype, gen):
+    """mean 100, std 0.1 per channel: sum/sum-of-squares statistics would lose every digit."""
+    fused, exact, eager = make_pair(case, dtype, gen)
+    x = make_input(case, dtype, gen, offset=100.0, spread=0.1)
+    set_mode((fused, exact, eager), "train")
+    out = run_fused(fused, x)
+    assert_kernels_ran(CASES[case][0], "train", folded=False)
+    with torch.no_grad():
+        assert_parity(out, eager(x), exact(x.double()), dtype, "output")
+    check_running_stats(fused, exact, eager, dtype)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_stats_over_steps(momentum, gen):
+    """Several training steps: unbiased running var, cumulative average with momentum=None."""
+    kwargs = dict(in_chs=12, out_chs=20, bottle_ratio=0.6, stride=2, momentum=momentum)
+    fused = rf.FusedBottleneck(**kwargs)
+    exact = rf.PreActBottleneck(**kwargs)
+    exact.load_state_dict(fused.state_dict())
+    exact.double()
+    for _ in range(3):
+        x = torch.randn(2, 12, 7, 7, generator=gen)
+        run_fused(fused.train(), x)
+        with torch.no_grad():
+            exact.train()(x.double())
+    for key, value in exact.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key].to(value.dtype), value, rtol=1e-5, atol=1e-6, msg=key)
+    assert int(fused.norm3.num_batches_tracked) == 3
+
+
+def test_state_dict_interchange(gen):
+    """Load a fused block from a reference one and back, without key changes."""
+    src = rf.PreActBottleneck(12, 20, bottle_ratio=0.6, stride=2)
+    randomize_bn(src, gen)
+    fused = rf.FusedBottleneck(12, 20, bottle_ratio=0.6, stride=2)
+    fused.load_state_dict(src.state_dict())
+    back = rf.PreActBottleneck(12, 20, bottle_ratio=0.6, stride=2)
+    back.load_state_dict(fused.state_dict())
+    for key, value in src.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_autocast_matches_eager_autocast(gen):
+    """Under autocast: 16-bit activations, fp32 parameters and BN buffers, as eager."""
+    fused, _, eager = make_pair("bottleneck-projection-s2", torch.float32, gen)
+    x = make_input("bottleneck-projection-s2", torch.float32, gen)
+    exact = copy.deepcopy(eager).double()
+    set_mode((fused, eager, exact), "train")
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out = run_fused(fused, x)
+        with torch.no_grad():
+            eager_out = eager(x)
+    assert_kernels_ran("bottleneck", "train", folded=False)
+    assert out.dtype == eager_out.dtype == torch.float16
+    assert fused.norm1.running_mean.dtype == torch.float32
+    with torch.no_grad():
+        assert_parity(out, eager_out, exact(x.double()), torch.float16, "output")
+
+
+def test_dtype_mismatch_is_a_clear_error(gen):
+    fused = rf.FusedBottleneck(12, 20, bottle_ratio=0.6)
+    with pytest.raises(TypeError, match="dtype .* differ"):
+        fused(torch.randn(2, 12, 5, 5, generator=gen).half())
+
+
+def test_no_grad_saves_nothing(gen):
+    fused = rf.FusedBottleneck(12, 20, bottle_ratio=0.6, stride=2).train()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        run_fused(fused, torch.randn(2, 12, 7, 7, generator=gen))
+    assert packed == []
+
+
+def test_eval_without_grad_folds_bn_into_epilogues(gen):
+    """Eval + no_grad: exactly one kernel per conv, no statistics pass (bn2/bn3 folded)."""
+    fused, exact, eager = make_pair("bottleneck-identity", torch.float32, gen)
+    x = make_input("bottleneck-identity", torch.float32, gen)
+    set_mode((fused, exact, eager), "eval")
+    out = run_fused(fused, x)
+    assert launch_counts() == {"_bn_relu_conv_kernel": 3}
+    with torch.no_grad():
+        assert_parity(out, eager(x), exact(x.double()), torch.float32, "output")
+
+
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "basic-g2-subsample"])
+def test_opcheck(case, gen):
+    """torch.library.opcheck: schema, fake tensors, autograd registration, aot dispatch."""
+    kind, kwargs, _ = CASES[case]
+    block = rf.make_block(kind, backend="triton", **kwargs).train()
+    randomize_bn(block, gen)
+    x = make_input(case, torch.float32, gen).requires_grad_()
+    args = block._norm_args(x)
+    w_proj = block.downsample.conv.weight if block.downsample is not None else None
+    common = dict(stride=block.stride, groups=block.groups, shortcut=block.shortcut,
+                  fold_eval=False, backend="triton")
+    with forced_configs(SMALL_CONV, SMALL_STATS):
+        if kind == "bottleneck":
+            op = torch.ops.resnet_fused.bottleneck_forward.default
+            inputs = (x, block.conv1.weight, block.conv2.weight, block.conv3.weight, w_proj)
+            common["stride_on"] = block.stride_on
+        else:
+            op = torch.ops.resnet_fused.basic_block_forward.default
+            inputs = (x, block.conv1.weight, block.conv2.weight, w_proj)
+        names = ("bn_weights", "bn_biases", "running_means", "running_vars", "training", "eps")
+        torch.library.opcheck(op, inputs + tuple(args[n] for n in names), common)
+    assert launch_counts()["_bn_relu_conv_kernel"] > 0
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch, gen):
+    """A CPU tensor without TRITON_INTERPRET takes the reference inside the op."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 12, 5, 5, generator=gen)
+    assert not block_ops.runs_triton(x, "triton")
+    fused, exact, _ = make_pair("basic-identity", torch.float32, gen)
+    fused, exact = fused.cpu().train(), exact.cpu().train()
+    out = run_fused(fused, x)
+    assert launch_counts() == {}
+    with torch.no_grad():
+        torch.testing.assert_close(out.double(), exact(x.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_runs_eager_on_cpu(gen):
+    block = rf.FusedBottleneck(12, 20, bottle_ratio=0.6, backend="auto")
+    run_fused(block.train(), torch.randn(2, 12, 5, 5, generator=gen).to(DEVICE))
+    expected = {"_bn_relu_conv_kernel": 3} if DEVICE == "cuda" else {}
+    assert (launch_counts()["_bn_relu_conv_kernel"] == 3) == bool(expected)
+
+
+# ---- Backward (for now: the reference recomputed from the saved input) ------------------
+
+
+def _grads(module, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = run_fused(module, x, grad=True) if isinstance(module, rf.FusedBottleneck | rf.FusedBasicBlock) \
+        else module(x)
+    out.backward(grad_out.to(out.dtype))
+    return {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["train", "frozen"])
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "resnext-g4-s2", "basic-projection-s2",
+                                  "bottleneck-subsample-b1"])
+def test_backward_parity(case, mode, dtype, gen):
+    """Input gradient and every parameter gradient (convs, BN weight and bias)."""
+    fused, exact, eager = make_pair(case, dtype, gen)
+    set_mode((fused, exact, eager), mode)
+    x = make_input(case, dtype, gen)
+    with torch.no_grad():
+        out_shape = exact(x.double()).shape
+    set_mode((fused, exact, eager), mode)  # the shape probe must not count as a step
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    got, want, eager_grads = _grads(fused, x, grad_out), _grads(exact, x.double(), grad_out), _grads(eager, x, grad_out)
+    assert launch_counts()["_bn_relu_conv_kernel"] == CONVS[CASES[case][0]]
+    assert set(got) == set(want)
+    for name in want:
+        assert_parity(got[name], eager_grads[name], want[name], dtype, f"grad {name}")
+
+
+def test_saved_tensors_are_the_input_and_parameters(gen):
+    """Only the block input, parameters and per-channel statistics are saved: no activation."""
+    fused = rf.FusedBottleneck(12, 20, bottle_ratio=0.6, stride=2).train()
+    x = torch.randn(2, 12, 7, 7, generator=gen).to(DEVICE).requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        run_fused(fused, x, grad=True)
+    param_ptrs = {p.data_ptr() for p in fused.parameters()}
+    activations = [t for t in packed if t.dim() == 4 and t.data_ptr() not in param_ptrs]
+    assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()
+
+
+def test_torch_compile_fullgraph(gen):
+    """torch.compile(fullgraph=True) over a fused block: no graph break, same result."""
+    fused, exact, _ = make_pair("bottleneck-projection-s2", torch.float32, gen)
+    x = make_input("bottleneck-projection-s2", torch.float32, gen)
+    compiled = torch.compile(fused, fullgraph=True)
+    fused.train()
+    with forced_configs(SMALL_CONV, SMALL_STATS):
+        reset_launch_counts()
+        out = compiled(x)
+    assert launch_counts()["_bn_relu_conv_kernel"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(out.double(), exact.train()(x.double()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.norm2.running_var.double(), exact.norm2.running_var, rtol=1e-5, atol=1e-6)
