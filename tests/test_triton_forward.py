@@ -313,3 +313,24 @@ def test_torch_compile_fullgraph(gen):
     with torch.no_grad():
         torch.testing.assert_close(out.double(), exact.train()(x.double()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.norm2.running_var.double(), exact.norm2.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "resnext-g4-s2", "basic-g2-subsample"])
+def test_hybrid_3x3_strategy(case, mode, gen):
+    """The hybrid 3x3 (BN+ReLU pass, cuDNN/ATen conv, statistics pass) matches the reference."""
+    fused, exact, eager = make_pair(case, torch.float32, gen)
+    x = make_input(case, torch.float32, gen)
+    set_mode((fused, exact, eager), mode)
+    reset_launch_counts()
+    with forced_configs(SMALL_CONV, SMALL_STATS, strategy="hybrid"), torch.no_grad():
+        out = fused(x)
+        expected, eager_out = exact(x.double()), eager(x)
+    counts = launch_counts()
+    # One 3x3 leaves the fused kernel: one conv kernel fewer, and a BN+ReLU pass unless its
+    # input is already activated (the bottleneck's conv2 in eval, after bn2 folded into K1).
+    kind = CASES[case][0]
+    assert counts["_bn_relu_conv_kernel"] == CONVS[kind] - 1, counts
+    assert counts["_bn_relu_apply_kernel"] == (0 if (kind, mode) == ("bottleneck", "eval") else 1), counts
+    assert_parity(out, eager_out, expected, torch.float32, "output")
+    check_running_stats(fused, exact, eager, torch.float32)

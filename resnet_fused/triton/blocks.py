@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
 from . import configs
 from .conv import SHORTCUT_ADD, SHORTCUT_PROJECTION, bn_relu_conv
+from .elementwise import bn_relu_apply
 from .stats import bn_finalize, channel_stats_partials
 
 __all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward"]
@@ -84,6 +86,34 @@ def _conv(x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]
     return bn_relu_conv(x, weight, config=config, **kwargs)
 
 
+def _conv3x3(x: Tensor, weight: Tensor, affine: Optional[_Affine], *, stride: int, groups: int,
+             emit_stats: bool, post: Optional[_Affine] = None) -> tuple[Tensor, Optional[Tensor], bool]:
+    """A 3x3 conv without shortcut: the fused kernel or the hybrid, as the selector says.
+
+    Returns (output, statistics partials, whether ``post`` (the next BN + ReLU, eval mode) was
+    folded into the output). The fused kernel folds it into its epilogue; the hybrid's cuDNN
+    conv has no epilogue, so the caller applies ``post`` in the next conv's prologue instead.
+    """
+    n, _, h, w = x.shape
+    c_out, cin_pg = weight.shape[:2]
+    m = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    strategy = configs.conv3x3_strategy(m, c_out // groups, cin_pg * 9, x.dtype, x.device)
+    if strategy == "fused":
+        out, part = _conv(x, weight, scale=affine.scale if affine else None,
+                          shift=affine.shift if affine else None, stride=stride, groups=groups,
+                          emit_stats=emit_stats, post_scale=post.scale if post else None,
+                          post_shift=post.shift if post else None)
+        return out, part, post is not None
+    act = bn_relu_apply(x, affine.scale, affine.shift) if affine is not None else x
+    y = F.conv2d(act, weight.to(act.dtype), stride=stride, padding=1, groups=groups)
+    y = y.contiguous(memory_format=torch.channels_last)
+    part = None
+    if emit_stats:
+        cfg = configs.stats_config(y.device)
+        part = channel_stats_partials(y, cfg.block_m, cfg.block_c)
+    return y, part, False
+
+
 def _next_affine(part: Optional[Tensor], norm: NormInputs) -> _Affine:
     return _affine_from_partials(part, norm) if norm.training else _affine_from_running(norm)
 
@@ -95,31 +125,42 @@ def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optio
     return dict(shortcut=x, shortcut_kind=_SHORTCUT_CODES[kind], shortcut_stride=stride)
 
 
+def _prologue(affine: Optional[_Affine]) -> dict:
+    return dict(scale=affine.scale, shift=affine.shift) if affine is not None else {}
+
+
+def _post(affine: Optional[_Affine]) -> dict:
+    return dict(post_scale=affine.scale, post_shift=affine.shift) if affine is not None else {}
+
+
 def bottleneck_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, stride_on: str,
     fold_eval: bool,
 ) -> tuple[Tensor, list[_Affine]]:
-    """The bottleneck forward; returns the output and the (mean, var) each norm used."""
+    """The bottleneck forward; returns the output and the (mean, var) each norm used.
+
+    With ``fold`` (eval, nothing training), bn2 and bn3 are constants applied in the producing
+    conv's epilogue, so K1 stores relu(bn2(y1)) and K2 relu(bn3(y2)) (when K2 has an epilogue:
+    the hybrid 3x3 leaves bn3 to K3's prologue).
+    """
     x = x.contiguous(memory_format=torch.channels_last)  # read once per kernel, NHWC
     s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
     bn1, bn2, bn3 = norms
     fold = fold_eval and not (bn1.training or bn2.training or bn3.training)
     a1 = _input_affine(x, bn1)
-    if fold:
-        # Eval: bn2 and bn3 are constants, applied in the producing conv's epilogue.
-        a2, a3 = _affine_from_running(bn2), _affine_from_running(bn3)
-        act2, _ = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=s1,
-                        post_scale=a2.scale, post_shift=a2.shift)
-        act3, _ = _conv(act2, w2, stride=s2, groups=groups, post_scale=a3.scale, post_shift=a3.shift)
-        out, _ = _conv(act3, w3, **_shortcut_args(x, a1, shortcut, stride, w_proj))
-        return out, [a1, a2, a3]
-    y1, part1 = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=s1, emit_stats=bn2.training)
-    a2 = _next_affine(part1, bn2)
-    y2, part2 = _conv(y1, w2, scale=a2.scale, shift=a2.shift, stride=s2, groups=groups,
-                      emit_stats=bn3.training)
-    a3 = _next_affine(part2, bn3)
-    out, _ = _conv(y2, w3, scale=a3.scale, shift=a3.shift, **_shortcut_args(x, a1, shortcut, stride, w_proj))
+
+    const2 = _affine_from_running(bn2) if fold else None
+    y1, part1 = _conv(x, w1, **_prologue(a1), stride=s1, emit_stats=bn2.training, **_post(const2))
+    a2 = const2 or _next_affine(part1, bn2)
+
+    const3 = _affine_from_running(bn3) if fold else None
+    y2, part2, folded3 = _conv3x3(y1, w2, None if fold else a2, stride=s2, groups=groups,
+                                  emit_stats=bn3.training, post=const3)
+    a3 = const3 or _next_affine(part2, bn3)
+
+    out, _ = _conv(y2, w3, **_prologue(None if folded3 else a3),
+                   **_shortcut_args(x, a1, shortcut, stride, w_proj))
     return out, [a1, a2, a3]
 
 
@@ -127,20 +168,17 @@ def basic_block_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, fold_eval: bool,
 ) -> tuple[Tensor, list[_Affine]]:
-    """The basic block forward: two fused 3x3 convs, the second with the shortcut."""
+    """The basic block forward: two 3x3 convs, the second with the fused shortcut."""
     x = x.contiguous(memory_format=torch.channels_last)
     bn1, bn2 = norms
     fold = fold_eval and not (bn1.training or bn2.training)
     a1 = _input_affine(x, bn1)
-    if fold:
-        a2 = _affine_from_running(bn2)
-        act2, _ = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=stride, groups=groups,
-                        post_scale=a2.scale, post_shift=a2.shift)
-        out, _ = _conv(act2, w2, groups=groups, **_shortcut_args(x, a1, shortcut, stride, w_proj))
-        return out, [a1, a2]
-    y1, part1 = _conv(x, w1, scale=a1.scale, shift=a1.shift, stride=stride, groups=groups,
-                      emit_stats=bn2.training)
-    a2 = _next_affine(part1, bn2)
-    out, _ = _conv(y1, w2, scale=a2.scale, shift=a2.shift, groups=groups,
+
+    const2 = _affine_from_running(bn2) if fold else None
+    y1, part1, folded2 = _conv3x3(x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
+                                  post=const2)
+    a2 = const2 or _next_affine(part1, bn2)
+
+    out, _ = _conv(y1, w2, **_prologue(None if folded2 else a2), groups=groups,
                    **_shortcut_args(x, a1, shortcut, stride, w_proj))
     return out, [a1, a2]

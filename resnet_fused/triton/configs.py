@@ -18,8 +18,12 @@ import torch
 
 from .conv import ConvConfig
 
-__all__ = ["StatsConfig", "conv_config", "stats_config", "forced_configs", "all_conv_configs",
-           "shared_memory_bytes", "SHARED_MEMORY_LIMITS"]
+__all__ = ["StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
+           "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES"]
+
+#: How a 3x3 conv with a BN+ReLU prologue runs: ``fused`` (one implicit-GEMM kernel, the
+#: prologue per tap) or ``hybrid`` (a BN+ReLU pass, cuDNN's conv, a statistics pass).
+STRATEGIES = ("fused", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,19 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
     return _GPU_TABLE[(ksize, sixteen)][-1]
 
 
+def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+    """``fused`` or ``hybrid`` for a 3x3 conv whose input needs BN+ReLU.
+
+    On a GPU the hybrid is the default: in DESIGN section 7's H100 probe (bf16, batch 256) it
+    took 273 / 241 / 180 us at conv2_x / conv3_x / conv4_x against 529 / 285 / 180 for the
+    fused per-tap prologue. The fused kernel is what the interpreter runs (no cuDNN there to
+    compare with), and either can be forced for tests and benchmarks.
+    """
+    if "strategy" in _forced:
+        return _forced["strategy"]  # type: ignore[return-value]
+    return "hybrid" if device.type == "cuda" else "fused"
+
+
 def stats_config(device: torch.device) -> StatsConfig:
     if "stats" in _forced:
         return _forced["stats"]  # type: ignore[return-value]
@@ -96,9 +113,14 @@ def stats_config(device: torch.device) -> StatsConfig:
 
 
 @contextlib.contextmanager
-def forced_configs(conv: Optional[ConvConfig] = None, stats: Optional[StatsConfig] = None) -> Iterator[None]:
+def forced_configs(conv: Optional[ConvConfig] = None, stats: Optional[StatsConfig] = None,
+                   strategy: Optional[str] = None) -> Iterator[None]:
     """Use these configs for every launch inside the block (tests: small tiles, many of them)."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     saved = dict(_forced)
+    if strategy is not None:
+        _forced["strategy"] = strategy
     if conv is not None:
         _forced["conv"] = conv
     if stats is not None:
