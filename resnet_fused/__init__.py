@@ -8,6 +8,7 @@ Importing the package never loads the compiled extension nor queries a GPU; ``ba
 loads ``resnet_fused._C`` when first asked for, and says clearly when it is missing.
 """
 from .backends import BACKENDS, available_backends, resolve_backend
+from .convert import convert, describe, unconvert
 from .configs import MODEL_CONFIGS, PAPER_GMACS, ModelConfig, UnitShape
 from .flops import MacReport, count_macs
 from .models import (
@@ -38,6 +39,7 @@ __all__ = [
     "resnet_v2_18", "resnet_v2_34", "resnet_v2_50", "resnet_v2_101", "resnet_v2_152",
     "resnet_v2_200", "resnext_v2_50_32x4d", "resnext_v2_101_32x8d",
     "batch_stats",
+    "convert", "describe", "unconvert",
     "FusedBasicBlock", "FusedBottleneck",
     "PreActBasicBlock", "PreActBottleneck",
 ]

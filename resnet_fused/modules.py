@@ -127,7 +127,7 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
         n, _, h, w = x.shape
         s1 = self.stride if self.stride_on == "1x1" else 1
         counts = (n * h * w, n * -(-h // s1) * -(-w // s1), out.shape[0] * out.shape[2] * out.shape[3])
-        self._update_running_stats(norm_args["training"], outs[1:], counts)
+        self._update_running_stats(norm_args["training"], outs[3:], counts)  # after out, y1, y2
         return self._output_format(x, out)
 
 
@@ -158,7 +158,7 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
         out = outs[0]
         n, _, h, w = x.shape
         counts = (n * h * w, out.shape[0] * out.shape[2] * out.shape[3])
-        self._update_running_stats(norm_args["training"], outs[1:], counts)
+        self._update_running_stats(norm_args["training"], outs[2:], counts)  # after out, y1
         return self._output_format(x, out)
 
 

@@ -246,13 +246,13 @@ def preact_bottleneck(
     shortcut: str = "identity",
     stride_on: str = "3x3",
     modes: tuple[str, str, str] = ("train", "train", "train"),
-    stats: Optional[list] = None,
+    record: Optional[dict] = None,
 ) -> Tensor:
     """The full pre-activation bottleneck, one BN mode per norm (train / eval / frozen).
 
     a1 = relu(bn1(x)); y1 = conv1x1(a1); y2 = conv3x3(relu(bn2(y1)), stride, groups);
-    y3 = conv1x1(relu(bn3(y2))); out = y3 + shortcut. When ``stats`` is a list, the (mean,
-    biased var) each norm used are appended to it.
+    y3 = conv1x1(relu(bn3(y2))); out = y3 + shortcut. When ``record`` is a dict, it receives
+    ``stats``, the (mean, biased var) each norm used, and ``convs``, the outputs y1, y2.
     """
     s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
     scale1, shift1, *stats1 = _scale_shift(x, bn1, modes[0])
@@ -262,8 +262,8 @@ def preact_bottleneck(
     y2 = bn_relu_conv(y1, scale2, shift2, w2, stride=s2, groups=groups)
     scale3, shift3, *stats3 = _scale_shift(y2, bn3, modes[2])
     y3 = bn_relu_conv(y2, scale3, shift3, w3)
-    if stats is not None:
-        stats += [tuple(stats1), tuple(stats2), tuple(stats3)]
+    if record is not None:
+        record.update(stats=[tuple(stats1), tuple(stats2), tuple(stats3)], convs=[y1, y2])
     return shortcut_add(y3, x, a1, shortcut, stride, w_proj)
 
 
@@ -277,17 +277,17 @@ def preact_basic_block(
     groups: int = 1,
     shortcut: str = "identity",
     modes: tuple[str, str] = ("train", "train"),
-    stats: Optional[list] = None,
+    record: Optional[dict] = None,
 ) -> Tensor:
-    """The pre-activation basic block: two 3x3 convs, the first one strided (``stats`` as
-    :func:`preact_bottleneck`)."""
+    """The pre-activation basic block: two 3x3 convs, the first one strided (``record`` as
+    :func:`preact_bottleneck`, with ``convs`` = [y1])."""
     scale1, shift1, *stats1 = _scale_shift(x, bn1, modes[0])
     a1 = bn_relu(x, scale1, shift1)
     y1 = F.conv2d(a1, w1, stride=stride, padding=w1.shape[-1] // 2, groups=groups)
     scale2, shift2, *stats2 = _scale_shift(y1, bn2, modes[1])
     y2 = bn_relu_conv(y1, scale2, shift2, w2, groups=groups)
-    if stats is not None:
-        stats += [tuple(stats1), tuple(stats2)]
+    if record is not None:
+        record.update(stats=[tuple(stats1), tuple(stats2)], convs=[y1])
     return shortcut_add(y2, x, a1, shortcut, stride, w_proj)
 
 

@@ -137,8 +137,8 @@ def bottleneck_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, stride_on: str,
     fold_eval: bool,
-) -> tuple[Tensor, list[_Affine]]:
-    """The bottleneck forward; returns the output and the (mean, var) each norm used.
+) -> tuple[Tensor, list[Tensor], list[_Affine]]:
+    """The bottleneck forward: (output, [y1, y2] for the backward (none when folded), affines).
 
     With ``fold`` (eval, nothing training), bn2 and bn3 are constants applied in the producing
     conv's epilogue, so K1 stores relu(bn2(y1)) and K2 relu(bn3(y2)) (when K2 has an epilogue:
@@ -161,14 +161,15 @@ def bottleneck_forward(
 
     out, _ = _conv(y2, w3, **_prologue(None if folded3 else a3),
                    **_shortcut_args(x, a1, shortcut, stride, w_proj))
-    return out, [a1, a2, a3]
+    return out, ([] if fold else [y1, y2]), [a1, a2, a3]
 
 
 def basic_block_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, fold_eval: bool,
-) -> tuple[Tensor, list[_Affine]]:
-    """The basic block forward: two 3x3 convs, the second with the fused shortcut."""
+) -> tuple[Tensor, list[Tensor], list[_Affine]]:
+    """The basic block forward: two 3x3 convs, the second with the fused shortcut; returns
+    (output, [y1] (none when folded), affines)."""
     x = x.contiguous(memory_format=torch.channels_last)
     bn1, bn2 = norms
     fold = fold_eval and not (bn1.training or bn2.training)
@@ -181,4 +182,4 @@ def basic_block_forward(
 
     out, _ = _conv(y1, w2, **_prologue(None if folded2 else a2), groups=groups,
                    **_shortcut_args(x, a1, shortcut, stride, w_proj))
-    return out, [a1, a2]
+    return out, ([] if fold else [y1]), [a1, a2]
