@@ -1,0 +1,33 @@
+"""The benchmark harness runs (smoke test on the CPU) and the roofline reproduces DESIGN's floors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_roofline_reproduces_design_floors():
+    from benchmarks import roofline
+
+    roofline.self_check()
+
+
+@pytest.mark.parametrize("script", ["bench_blocks.py", "bench_models.py"])
+def test_benchmark_quick_run_writes_json(script, tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first_line = proc.stdout.splitlines()[0]
+    if "cuda" not in first_line.lower():
+        assert "CPU-only" in first_line
+    files = list(tmp_path.glob("*.json"))
+    assert files, proc.stdout[-2000:]
+    record = json.loads(files[0].read_text())
+    assert record["rows"], "no rows measured"
