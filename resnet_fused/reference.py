@@ -345,9 +345,20 @@ class _PreActBlock(nn.Module):
     stride: int
     shortcut: str
 
-    def _init_shortcut(self, in_chs: int, out_chs: int, stride: int, shortcut: Optional[str]) -> None:
+    def _init_common(self, in_chs: int, out_chs: Optional[int], bottle_ratio: float, stride: int,
+                     groups: int, shortcut: Optional[str], stride_on: str) -> tuple[int, int, int]:
+        """Check the shared constructor arguments, set the attributes and the shortcut."""
+        out_chs = in_chs if out_chs is None else out_chs
+        _check_positive(in_chs=in_chs, out_chs=out_chs)
+        mid_chs = int(out_chs * bottle_ratio)
+        _check_block_args(in_chs, out_chs, mid_chs, stride, groups)
+        if stride_on not in STRIDE_ON:
+            raise ValueError(f"stride_on must be one of {STRIDE_ON}, got {stride_on!r}")
+        self.in_chs, self.out_chs, self.mid_chs = in_chs, out_chs, mid_chs
+        self.stride, self.groups, self.stride_on = stride, groups, stride_on
         self.shortcut = resolve_shortcut(in_chs, out_chs, stride, shortcut)
         self.downsample = Downsample(in_chs, out_chs, stride) if self.shortcut == "projection" else None
+        return in_chs, out_chs, mid_chs
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -401,15 +412,8 @@ class PreActBottleneck(_PreActBlock):
         momentum: Optional[float] = 0.1,
     ):
         super().__init__()
-        out_chs = in_chs if out_chs is None else out_chs
-        _check_positive(in_chs=in_chs, out_chs=out_chs)
-        mid_chs = int(out_chs * bottle_ratio)
-        _check_block_args(in_chs, out_chs, mid_chs, stride, groups)
-        if stride_on not in STRIDE_ON:
-            raise ValueError(f"stride_on must be one of {STRIDE_ON}, got {stride_on!r}")
-        self.in_chs, self.out_chs, self.mid_chs = in_chs, out_chs, mid_chs
-        self.stride, self.groups, self.stride_on = stride, groups, stride_on
-        self._init_shortcut(in_chs, out_chs, stride, shortcut)
+        in_chs, out_chs, mid_chs = self._init_common(in_chs, out_chs, bottle_ratio, stride, groups,
+                                                     shortcut, stride_on)
         s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
         self.norm1 = _make_norm(in_chs, eps, momentum)
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, stride=s1, bias=False)
@@ -451,17 +455,11 @@ class PreActBasicBlock(_PreActBlock):
         momentum: Optional[float] = 0.1,
     ):
         super().__init__()
-        out_chs = in_chs if out_chs is None else out_chs
-        _check_positive(in_chs=in_chs, out_chs=out_chs)
-        mid_chs = int(out_chs * bottle_ratio)
-        _check_block_args(in_chs, out_chs, mid_chs, stride, groups)
-        if in_chs % groups or out_chs % groups:
-            raise ValueError(f"groups={groups} must divide in_chs={in_chs} and out_chs={out_chs}")
-        if stride_on not in STRIDE_ON:
-            raise ValueError(f"stride_on must be one of {STRIDE_ON}, got {stride_on!r}")
-        self.in_chs, self.out_chs, self.mid_chs = in_chs, out_chs, mid_chs
-        self.stride, self.groups, self.stride_on = stride, groups, stride_on
-        self._init_shortcut(in_chs, out_chs, stride, shortcut)
+        if not (isinstance(groups, int) and groups > 0 and in_chs % groups == 0
+                and (out_chs or in_chs) % groups == 0):
+            raise ValueError(f"groups={groups} must divide in_chs={in_chs} and out_chs={out_chs or in_chs}")
+        in_chs, out_chs, mid_chs = self._init_common(in_chs, out_chs, bottle_ratio, stride, groups,
+                                                     shortcut, stride_on)
         self.norm1 = _make_norm(in_chs, eps, momentum)
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.norm2 = _make_norm(mid_chs, eps, momentum)
