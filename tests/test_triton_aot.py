@@ -44,3 +44,12 @@ def test_shared_memory_within_sm90_budget(records):
 def test_statistics_kernels_compile(records):
     names = {r["kernel"] for r in records}
     assert {"_channel_stats_partial_kernel", "_bn_finalize_kernel"} <= names
+
+
+def test_backward_gemms_compile_with_wgmma(records):
+    for name in ("_conv1x1_dgrad_kernel", "_conv1x1_wgrad_kernel"):
+        found = [r for r in records if r["kernel"] == name]
+        assert {r["dtype"] for r in found} == {"bf16", "fp16", "fp32"}, name
+        for r in found:
+            if r["dtype"] in ("bf16", "fp16"):
+                assert r["wgmma"], r

@@ -17,7 +17,7 @@ import resnet_fused as rf
 from helpers import assert_parity, randomize_bn
 from resnet_fused import reference as ref
 from resnet_fused.ops import blocks as block_ops
-from resnet_fused.triton.configs import StatsConfig, forced_configs
+from resnet_fused.triton.configs import BackwardConfig, StatsConfig, forced_configs
 from resnet_fused.triton.conv import ConvConfig
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
 SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
+SMALL_BACKWARD = BackwardConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (block, kwargs, input (N, H, W)): odd widths (12, 20), 7x7 and 5x9, batch 1, every shortcut.
@@ -77,7 +78,7 @@ def set_mode(modules, mode):
 
 def run_fused(fused, x, grad=False):
     reset_launch_counts()
-    with forced_configs(SMALL_CONV, SMALL_STATS), torch.set_grad_enabled(grad):
+    with forced_configs(SMALL_CONV, SMALL_STATS, backward=SMALL_BACKWARD), torch.set_grad_enabled(grad):
         return fused(x)
 
 
@@ -262,9 +263,10 @@ def test_auto_backend_runs_eager_on_cpu(gen):
 def _grads(module, x, grad_out):
     x = x.detach().clone().requires_grad_()
     module.zero_grad(set_to_none=True)
-    out = run_fused(module, x, grad=True) if isinstance(module, rf.FusedBottleneck | rf.FusedBasicBlock) \
-        else module(x)
-    out.backward(grad_out.to(out.dtype))
+    fused = isinstance(module, (rf.FusedBottleneck, rf.FusedBasicBlock))
+    out = run_fused(module, x, grad=True) if fused else module(x)
+    with forced_configs(SMALL_CONV, SMALL_STATS, backward=SMALL_BACKWARD):
+        out.backward(grad_out.to(out.dtype))
     return {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
 
@@ -281,8 +283,14 @@ def test_backward_parity(case, mode, dtype, gen):
         out_shape = exact(x.double()).shape
     set_mode((fused, exact, eager), mode)  # the shape probe must not count as a step
     grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    got, want, eager_grads = _grads(fused, x, grad_out), _grads(exact, x.double(), grad_out), _grads(eager, x, grad_out)
-    assert launch_counts()["_bn_relu_conv_kernel"] == CONVS[CASES[case][0]]
+    got = _grads(fused, x, grad_out)
+    counts = launch_counts()
+    want, eager_grads = _grads(exact, x.double(), grad_out), _grads(eager, x, grad_out)
+    kind = CASES[case][0]
+    assert counts["_bn_relu_conv_kernel"] == CONVS[kind]
+    # backward kernels: the fused 1x1 dgrad (conv3, conv1) of a bottleneck, BN coefficients per norm
+    assert counts["_conv1x1_dgrad_kernel"] == (2 if kind == "bottleneck" else 0), counts
+    assert counts["_bn_backward_coefficients_kernel"] == NORMS[kind], counts
     assert set(got) == set(want)
     for name in want:
         assert_parity(got[name], eager_grads[name], want[name], dtype, f"grad {name}")

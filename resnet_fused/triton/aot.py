@@ -94,6 +94,7 @@ def check_all(target: GPUTarget = HOPPER) -> list[dict]:
                                       config.num_warps, config.num_stages)
             records.append(_record("_bn_relu_conv_kernel", compiled, ksize=ksize, dtype=TRITON_DTYPES[dtype],
                                    variant=variant, config=config.__dict__))
+    records += _backward_records(target)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         compiled = compile_kernel(stats._channel_stats_partial_kernel,
                                   {"x_ptr": TRITON_DTYPES[dtype], "part_ptr": "fp32"},
@@ -103,6 +104,35 @@ def check_all(target: GPUTarget = HOPPER) -> list[dict]:
     compiled = compile_kernel(finalize, {n: "fp32" for n in finalize.arg_names if n.endswith("_ptr")},
                               dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_P=64, BLOCK_C=64), ("C",), target)
     records.append(_record("_bn_finalize_kernel", compiled, dtype="fp32"))
+    return records
+
+
+def _backward_records(target: GPUTarget) -> list[dict]:
+    from .conv import dot_precision
+
+    """The fused 1x1 dgrad (with the prologue and the projection K-loop) and wgrad kernels, for
+    every GPU backward config and dtype."""
+    from . import conv1x1_backward as bw
+    from .configs import BACKWARD_GPU_CONFIGS
+    from .conv import dot_precision
+
+    records = []
+    for sixteen, cfg in BACKWARD_GPU_CONFIGS.items():
+        for dtype in ((torch.bfloat16, torch.float16) if sixteen else (torch.float32,)):
+            data = TRITON_DTYPES[dtype]
+            kernels = {
+                "_conv1x1_dgrad_kernel": (bw._conv1x1_dgrad_kernel, ("g_ptr", "gy_ptr", "w_ptr", "g2_ptr", "w2_ptr", "v_ptr", "out_ptr"),
+                                          dict(STRIDE=2, STRIDE2=2, PROLOGUE=True, SECOND=True, BLOCK_M=cfg.block_m,
+                                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), ("N", "K", "K2", "M")),
+                "_conv1x1_wgrad_kernel": (bw._conv1x1_wgrad_kernel, ("g_ptr", "gy_ptr", "v_ptr"),
+                                          dict(STRIDE=2, PROLOGUE=True, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+                                               BLOCK_C=cfg.block_n), ("K", "C", "M", "rows_per_split")),
+            }
+            for name, (kernel, data_ptrs, flags, divisible) in kernels.items():
+                pointers = {n: (data if n in data_ptrs else "fp32") for n in kernel.arg_names if n.endswith("_ptr")}
+                compiled = compile_kernel(kernel, pointers, dict(DOT_PRECISION=dot_precision(dtype), **flags),
+                                          divisible, target, cfg.num_warps, cfg.num_stages)
+                records.append(_record(name, compiled, dtype=data, config=cfg.__dict__))
     return records
 
 

@@ -18,12 +18,30 @@ import torch
 
 from .conv import ConvConfig
 
-__all__ = ["StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
+__all__ = ["BackwardConfig", "backward_config", "BACKWARD_GPU_CONFIGS", "StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
            "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES"]
 
 #: How a 3x3 conv with a BN+ReLU prologue runs: ``fused`` (one implicit-GEMM kernel, the
 #: prologue per tap) or ``hybrid`` (a BN+ReLU pass, cuDNN's conv, a statistics pass).
 STRATEGIES = ("fused", "hybrid")
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the fused 1x1 backward GEMMs: dgrad [block_m x block_n] with K step block_k;
+    wgrad [block_k x block_n] outputs, stepping block_m rows (the reduction dimension)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def dgrad_meta(self) -> dict:
+        return dict(block_m=self.block_m, block_n=self.block_n, block_k=self.block_k)
+
+    def wgrad_meta(self) -> dict:
+        return dict(block_m=self.block_m, block_k=self.block_k, block_c=self.block_n)
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,18 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
     return "hybrid" if device.type == "cuda" else "fused"
 
 
+#: GPU backward tiles by 16-bit-ness; the AOT test compiles both.
+BACKWARD_GPU_CONFIGS = {True: BackwardConfig(128, 64, 64, 4, 3), False: BackwardConfig(64, 64, 32, 4, 2)}
+
+
+def backward_config(dtype: torch.dtype, device: torch.device) -> BackwardConfig:
+    if "backward" in _forced:
+        return _forced["backward"]  # type: ignore[return-value]
+    if device.type != "cuda":
+        return BackwardConfig(64, 64, 32, 4, 1)
+    return BACKWARD_GPU_CONFIGS[dtype in (torch.float16, torch.bfloat16)]
+
+
 def stats_config(device: torch.device) -> StatsConfig:
     if "stats" in _forced:
         return _forced["stats"]  # type: ignore[return-value]
@@ -114,13 +144,15 @@ def stats_config(device: torch.device) -> StatsConfig:
 
 @contextlib.contextmanager
 def forced_configs(conv: Optional[ConvConfig] = None, stats: Optional[StatsConfig] = None,
-                   strategy: Optional[str] = None) -> Iterator[None]:
+                   strategy: Optional[str] = None, backward: Optional[BackwardConfig] = None) -> Iterator[None]:
     """Use these configs for every launch inside the block (tests: small tiles, many of them)."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     saved = dict(_forced)
     if strategy is not None:
         _forced["strategy"] = strategy
+    if backward is not None:
+        _forced["backward"] = backward
     if conv is not None:
         _forced["conv"] = conv
     if stats is not None:
