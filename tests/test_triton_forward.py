@@ -377,3 +377,37 @@ def test_hybrid_3x3_strategy(case, mode, gen):
     assert counts["_bn_relu_apply_kernel"] == (0 if (kind, mode) == ("bottleneck", "eval") else 1), counts
     assert_parity(out, eager_out, expected, torch.float32, "output")
     check_running_stats(fused, exact, eager, torch.float32)
+
+
+# The smallest shapes of each block type and shortcut: gradcheck perturbs every input element.
+GRADCHECK_CASES = {
+    "bottleneck-projection-s2": ("bottleneck", dict(in_chs=4, out_chs=8, bottle_ratio=0.5, stride=2), (2, 5, 5)),
+    "bottleneck-subsample": ("bottleneck", dict(in_chs=6, out_chs=6, bottle_ratio=0.5, stride=2,
+                                                shortcut="subsample"), (1, 5, 3)),
+    "resnext-g2": ("bottleneck", dict(in_chs=8, out_chs=8, bottle_ratio=0.5, groups=2), (2, 3, 3)),
+    "basic-projection-s2": ("basic", dict(in_chs=4, out_chs=6, stride=2), (2, 5, 5)),
+    "basic-identity": ("basic", dict(in_chs=4, out_chs=4), (2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case,mode", [(c, "train") for c in GRADCHECK_CASES] + [("bottleneck-projection-s2", "frozen"),
+                                                                                 ("basic-projection-s2", "frozen")])
+def test_gradcheck_float64_through_triton(case, mode, gen):
+    """float64 gradcheck of the whole block through the Triton kernels (the slow fp64 path)."""
+    kind, kwargs, (n, h, w) = GRADCHECK_CASES[case]
+    block = rf.make_block(kind, backend="triton", **kwargs).to(DEVICE, torch.float64)
+    randomize_bn(block, gen)
+    set_mode((block,), mode)
+    x = torch.randn(n, kwargs["in_chs"], h, w, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    buffers = {n: b for n, b in block.named_buffers()}
+
+    def run(x, *flat):
+        state = {**{n: b.clone() for n, b in buffers.items()}, **dict(zip(names, flat))}
+        return torch.func.functional_call(block, state, (x,))
+
+    reset_launch_counts()
+    assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
+    counts = launch_counts()
+    assert counts["_bn_relu_conv_kernel"] > 0 and counts["_bn_backward_coefficients_kernel"] > 0, counts

@@ -71,7 +71,7 @@ def _outputs(out: Tensor, convs: Sequence[Tensor], n_convs: int, stats) -> list[
     cl = torch.channels_last
     saved = [y.contiguous(memory_format=cl) for y in convs] if convs else \
         [out.new_empty((0,)) for _ in range(n_convs)]
-    return [out.contiguous(memory_format=cl)] + saved + [t.float().clone() for pair in stats for t in pair]
+    return [out.contiguous(memory_format=cl)] + saved + [t.clone() for pair in stats for t in pair]
 
 
 def _fake_outputs(x: Tensor, c_out: int, stride: int, conv_shapes, widths, fold: bool) -> list[Tensor]:
@@ -83,7 +83,8 @@ def _fake_outputs(x: Tensor, c_out: int, stride: int, conv_shapes, widths, fold:
 
     out = empty(c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
     convs = [x.new_empty((0,)) if fold else empty(*shape) for shape in conv_shapes]
-    return [out] + convs + [x.new_empty((c,), dtype=torch.float32) for c in widths for _ in range(2)]
+    ct = reference.stats_dtype(x.dtype)
+    return [out] + convs + [x.new_empty((c,), dtype=ct) for c in widths for _ in range(2)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,7 +140,8 @@ def _fake_grads(tensors, bn_weights, bn_biases) -> list[Tensor]:
     x, *weights = tensors
     out = [torch.empty_like(x, memory_format=torch.channels_last)]
     out += [torch.empty_like(w) if w is not None else x.new_empty((0,)) for w in weights]
-    return out + [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (*bn_weights, *bn_biases)]
+    ct = reference.stats_dtype(x.dtype)
+    return out + [torch.empty(t.shape, dtype=ct, device=t.device) for t in (*bn_weights, *bn_biases)]
 
 
 def _reference_grads(ctx, saved: dict, run_block: Callable, weight_names: Sequence[str],

@@ -41,15 +41,15 @@ class SavedNorm:
 
     weight: Tensor
     bias: Tensor
-    mean: Tensor      # fp32 [C]: batch mean (train) or running mean (eval / frozen)
-    var: Tensor       # fp32 [C]: biased batch var (train) or running var
+    mean: Tensor      # [C], fp32 (fp64 for fp64 data): batch mean (train) or running mean
+    var: Tensor       # [C], likewise: biased batch var (train) or running var
     eps: float
     training: bool
 
     def __post_init__(self) -> None:
         self.invstd = torch.rsqrt(self.var + self.eps)
-        self.scale = self.weight.float() * self.invstd
-        self.shift = self.bias.float() - self.mean * self.scale
+        self.scale = self.weight.to(self.var.dtype) * self.invstd
+        self.shift = self.bias.to(self.var.dtype) - self.mean * self.scale
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int) -> tuple[Tensor, Tensor]:

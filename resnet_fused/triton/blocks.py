@@ -26,7 +26,7 @@ from .. import reference
 from . import configs
 from .conv import SHORTCUT_ADD, SHORTCUT_PROJECTION, bn_relu_conv
 from .elementwise import bn_relu_apply
-from .stats import bn_finalize, channel_stats_partials
+from .stats import bn_finalize, channel_stats_partials, stats_dtype
 
 __all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward"]
 
@@ -62,16 +62,17 @@ def _affine_from_partials(part: Tensor, norm: NormInputs) -> _Affine:
     return _Affine(mean, var, scale, shift)
 
 
-def _affine_from_running(norm: NormInputs) -> _Affine:
-    mean = norm.running_mean.float()
-    var = norm.running_var.float()
-    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.float(), norm.bias.float(), norm.eps)
+def _affine_from_running(norm: NormInputs, data_dtype: torch.dtype) -> _Affine:
+    ct = stats_dtype(data_dtype)
+    mean = norm.running_mean.to(ct)
+    var = norm.running_var.to(ct)
+    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.to(ct), norm.bias.to(ct), norm.eps)
     return _Affine(mean.clone(), var.clone(), scale, shift)
 
 
 def _input_affine(x: Tensor, norm: NormInputs) -> _Affine:
     if not norm.training:
-        return _affine_from_running(norm)
+        return _affine_from_running(norm, x.dtype)
     cfg = configs.stats_config(x.device)
     return _affine_from_partials(channel_stats_partials(x, cfg.block_m, cfg.block_c), norm)
 
@@ -114,8 +115,8 @@ def _conv3x3(x: Tensor, weight: Tensor, affine: Optional[_Affine], *, stride: in
     return y, part, False
 
 
-def _next_affine(part: Optional[Tensor], norm: NormInputs) -> _Affine:
-    return _affine_from_partials(part, norm) if norm.training else _affine_from_running(norm)
+def _next_affine(part: Optional[Tensor], norm: NormInputs, data_dtype: torch.dtype) -> _Affine:
+    return _affine_from_partials(part, norm) if norm.training else _affine_from_running(norm, data_dtype)
 
 
 def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
@@ -150,14 +151,14 @@ def bottleneck_forward(
     fold = fold_eval and not (bn1.training or bn2.training or bn3.training)
     a1 = _input_affine(x, bn1)
 
-    const2 = _affine_from_running(bn2) if fold else None
+    const2 = _affine_from_running(bn2, x.dtype) if fold else None
     y1, part1 = _conv(x, w1, **_prologue(a1), stride=s1, emit_stats=bn2.training, **_post(const2))
-    a2 = const2 or _next_affine(part1, bn2)
+    a2 = const2 or _next_affine(part1, bn2, x.dtype)
 
-    const3 = _affine_from_running(bn3) if fold else None
+    const3 = _affine_from_running(bn3, x.dtype) if fold else None
     y2, part2, folded3 = _conv3x3(y1, w2, None if fold else a2, stride=s2, groups=groups,
                                   emit_stats=bn3.training, post=const3)
-    a3 = const3 or _next_affine(part2, bn3)
+    a3 = const3 or _next_affine(part2, bn3, x.dtype)
 
     out, _ = _conv(y2, w3, **_prologue(None if folded3 else a3),
                    **_shortcut_args(x, a1, shortcut, stride, w_proj))
@@ -175,10 +176,10 @@ def basic_block_forward(
     fold = fold_eval and not (bn1.training or bn2.training)
     a1 = _input_affine(x, bn1)
 
-    const2 = _affine_from_running(bn2) if fold else None
+    const2 = _affine_from_running(bn2, x.dtype) if fold else None
     y1, part1, folded2 = _conv3x3(x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
                                   post=const2)
-    a2 = const2 or _next_affine(part1, bn2)
+    a2 = const2 or _next_affine(part1, bn2, x.dtype)
 
     out, _ = _conv(y1, w2, **_prologue(None if folded2 else a2), groups=groups,
                    **_shortcut_args(x, a1, shortcut, stride, w_proj))

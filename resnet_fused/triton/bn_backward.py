@@ -41,13 +41,14 @@ def _relu_grad_sums_kernel(
     col_valid = cols < C
     mask = row_valid[:, None] & col_valid[None, :]
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + cols, mask=col_valid, other=0.0)
+    ct = scale.dtype  # fp32, or fp64 for fp64 data
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ct)
     if HAS_EXTRA:
         # A second gradient of the same activation (the projection shortcut reads a1 too):
         # added BEFORE the ReLU mask and the sums.
-        g += tl.load(extra_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + cols, mask=col_valid, other=0.0)
+        g += tl.load(extra_ptr + offs, mask=mask, other=0.0).to(ct)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ct)
     shift = tl.load(shift_ptr + cols, mask=col_valid, other=0.0)
     mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
@@ -55,7 +56,7 @@ def _relu_grad_sums_kernel(
     g_stored = g.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, g_stored, mask=mask)
     # Sums of the value as stored, which is what the next dgrad/wgrad reads.
-    g = g_stored.to(tl.float32)
+    g = g_stored.to(ct)
     xhat = (v - mean[None, :]) * invstd[None, :]
     plane = tl.num_programs(0) * C
     tl.store(part_ptr + pid_m * C + cols, tl.sum(g, axis=0), mask=col_valid)
@@ -72,8 +73,8 @@ def _bn_backward_coefficients_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_valid = cols < C
-    dbeta = tl.zeros([BLOCK_C], dtype=tl.float32)
-    dgamma = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dbeta = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    dgamma = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
     plane = P * C
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
@@ -84,7 +85,7 @@ def _bn_backward_coefficients_kernel(
     invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
     a = invstd
     if HAS_WEIGHT:
-        a = a * tl.load(weight_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
+        a = a * tl.load(weight_ptr + cols, mask=col_valid, other=0.0).to(a.dtype)
     if TRAINING:
         mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
         b = -a * invstd * dgamma / count
@@ -112,9 +113,9 @@ def _bn_backward_apply_kernel(
     col_valid = cols < C
     mask = row_valid[:, None] & col_valid[None, :]
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + cols, mask=col_valid, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(a.dtype)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(a.dtype)
     b = tl.load(b_ptr + cols, mask=col_valid, other=0.0)
     c = tl.load(c_ptr + cols, mask=col_valid, other=0.0)
     dv = a[None, :] * g + b[None, :] * v + c[None, :]
@@ -128,7 +129,7 @@ def _bn_backward_apply_kernel(
         on_grid = (ih % SC_STRIDE == 0) & (iw % SC_STRIDE == 0) & row_valid
         sc_rows = ((img * H_sc + ih // SC_STRIDE) * W_sc + iw // SC_STRIDE).to(tl.int64) * C
         dv += tl.load(sc_ptr + sc_rows[:, None] + cols[None, :], mask=on_grid[:, None] & col_valid[None, :],
-                      other=0.0).to(tl.float32)
+                      other=0.0).to(a.dtype)
     tl.store(out_ptr + offs, dv.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -145,7 +146,7 @@ def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: 
     m = n * h * w
     p = triton.cdiv(m, block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
-    part = torch.empty((2, p, c), dtype=torch.float32, device=v.device)
+    part = torch.empty((2, p, c), dtype=scale.dtype, device=v.device)
     extra = _nhwc(extra) if extra is not None else None
     launch(_relu_grad_sums_kernel, (p, triton.cdiv(c, block_c)), v,
            grad, extra if extra is not None else grad, v, scale, shift, mean, invstd, out, part, m, c,
@@ -164,7 +165,7 @@ def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tenso
                              count: int, training: bool, block_p: int = 64, block_c: int = 64) -> BNBackward:
     _, p, c = part.shape
     # Separate buffers: dgamma and dbeta are returned as gradients and must not alias.
-    dgamma, dbeta, a, b, cc = (torch.empty(c, dtype=torch.float32, device=part.device) for _ in range(5))
+    dgamma, dbeta, a, b, cc = (torch.empty(c, dtype=part.dtype, device=part.device) for _ in range(5))
     launch(_bn_backward_coefficients_kernel, (triton.cdiv(c, block_c),), part,
            part, weight if weight is not None else part, mean, invstd, dgamma, dbeta, a, b, cc,
            p, c, float(count), TRAINING=training, HAS_WEIGHT=weight is not None,

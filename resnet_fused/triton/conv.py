@@ -30,7 +30,7 @@ from torch import Tensor
 from .launch import launch
 from .stats import _store_tile_stats, new_partials
 
-__all__ = ["ConvConfig", "SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "bn_relu_conv",
+__all__ = ["_dot", "_zero_acc", "ConvConfig", "SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "bn_relu_conv",
            "pack_weight", "dot_precision"]
 
 SHORTCUT_NONE, SHORTCUT_ADD, SHORTCUT_PROJECTION = 0, 1, 2
@@ -52,6 +52,26 @@ class ConvConfig:
 
 
 @triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+    """The accumulator: fp32, or fp64 for fp64 operands (the slow path gradcheck runs)."""
+    if dtype == tl.float64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b on tensor cores; fp64 (no tensor-core dot) as a broadcast multiply-reduce."""
+    if a.dtype == tl.float64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr,
                   PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Load an operand tile [BLOCK_M, BLOCK_K], activate it, zero what lies outside the image."""
@@ -60,7 +80,7 @@ def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr
     if PROLOGUE:
         scale = tl.load(scale_ptr + ks, mask=k_valid, other=0.0)
         shift = tl.load(shift_ptr + ks, mask=k_valid, other=0.0)
-        act = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        act = tl.maximum(a.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
         # Padding and tile overhang are zero in the ACTIVATED domain: relu(shift) is not zero.
         a = tl.where(valid, act, 0.0)
     return a.to(DOT_DTYPE)
@@ -96,7 +116,7 @@ def _bn_relu_conv_kernel(
     ow = rows % W_out
     dot_dtype = w_ptr.dtype.element_ty
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, dot_dtype)
     PAD: tl.constexpr = KSIZE // 2
     for tap in tl.static_range(KSIZE * KSIZE):
         ih = oh * STRIDE - PAD + tap // KSIZE
@@ -111,7 +131,7 @@ def _bn_relu_conv_kernel(
                               PROLOGUE, dot_dtype)
             b = tl.load(w_ptr + (tap * cin_pg + ks)[:, None].to(tl.int64) * C_out + cols[None, :],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _dot(a, b, acc, DOT_PRECISION)
 
     if SHORTCUT != 0:
         # Shortcut rows: the block input at the strided output position.
@@ -124,19 +144,19 @@ def _bn_relu_conv_kernel(
                                   SC_PROLOGUE, dot_dtype)
                 b = tl.load(sc_w_ptr + ks[:, None].to(tl.int64) * C_out + cols[None, :],
                             mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = _dot(a, b, acc, DOT_PRECISION)
         else:
             res = tl.load(sc_ptr + sc_rows[:, None] + cols[None, :],
                           mask=row_valid[:, None] & col_valid[None, :], other=0.0)
-            acc += res.to(tl.float32)
+            acc += res.to(acc.dtype)
 
     y = acc.to(out_ptr.dtype.element_ty)
     if EMIT_STATS:
-        _store_tile_stats(part_ptr, y.to(tl.float32), row_valid, pid_m, n_tiles_m, cols, col_valid, C_out)
+        _store_tile_stats(part_ptr, y.to(acc.dtype), row_valid, pid_m, n_tiles_m, cols, col_valid, C_out)
     if POST_BN_RELU:
         post_scale = tl.load(post_scale_ptr + cols, mask=col_valid, other=0.0)
         post_shift = tl.load(post_shift_ptr + cols, mask=col_valid, other=0.0)
-        y = tl.maximum(y.to(tl.float32) * post_scale[None, :] + post_shift[None, :], 0.0)
+        y = tl.maximum(y.to(acc.dtype) * post_scale[None, :] + post_shift[None, :], 0.0)
         y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * C_out + cols[None, :], y,
              mask=row_valid[:, None] & col_valid[None, :])
@@ -198,7 +218,7 @@ def bn_relu_conv(
     out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     n_tiles_m = triton.cdiv(m, config.block_m)
-    part = new_partials(n_tiles_m, c_out, x.device) if emit_stats else out
+    part = new_partials(n_tiles_m, c_out, x.device, x.dtype) if emit_stats else out
     w_packed = pack_weight(weight.to(x.dtype))
     if shortcut is not None:
         shortcut = _nhwc(shortcut)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import dot_precision
+from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch
 
 __all__ = ["conv1x1_dgrad", "conv1x1_wgrad", "GradPrologue"]
@@ -35,9 +35,10 @@ def _grad_tile(g_ptr, y_ptr, a_ptr, b_ptr, c_ptr, rows, row_valid, ks, k_valid, 
     """A [BLOCK_M, BLOCK_K] tile of the gradient operand, BN-backward applied, fp32, zero outside."""
     mask = row_valid[:, None] & k_valid[None, :]
     offs = rows[:, None].to(tl.int64) * K + ks[None, :]
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ct = a_ptr.dtype.element_ty  # the coefficients' dtype: fp32, or fp64 for fp64 data
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ct)
     if PROLOGUE:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ct)
         a = tl.load(a_ptr + ks, mask=k_valid, other=0.0)
         b = tl.load(b_ptr + ks, mask=k_valid, other=0.0)
         c = tl.load(c_ptr + ks, mask=k_valid, other=0.0)
@@ -71,14 +72,14 @@ def _conv1x1_dgrad_kernel(
 
     on_grid = row_valid & (ih % STRIDE == 0) & (iw % STRIDE == 0)
     g_rows = (img * H_out + ih // STRIDE) * W_out + iw // STRIDE
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, dot_dtype)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_valid = ks < K
         g = _grad_tile(g_ptr, gy_ptr, ga_ptr, gb_ptr, gc_ptr, g_rows, on_grid, ks, k_valid, K, PROLOGUE)
         w = tl.load(w_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
                     mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-        acc = tl.dot(g.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+        acc = _dot(g.to(dot_dtype), w, acc, DOT_PRECISION)
     if SECOND:
         on_grid2 = row_valid & (ih % STRIDE2 == 0) & (iw % STRIDE2 == 0)
         g2_rows = (img * H2 + ih // STRIDE2) * W2 + iw // STRIDE2
@@ -88,18 +89,18 @@ def _conv1x1_dgrad_kernel(
             g = _grad_tile(g2_ptr, g2_ptr, ga_ptr, gb_ptr, gc_ptr, g2_rows, on_grid2, ks, k_valid, K2, False)
             w = tl.load(w2_ptr + ks[:, None].to(tl.int64) * N + cols[None, :],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc = tl.dot(g.to(dot_dtype), w, acc, input_precision=DOT_PRECISION)
+            acc = _dot(g.to(dot_dtype), w, acc, DOT_PRECISION)
 
     # Epilogue: the ReLU mask of the norm that produced this conv's input, and its sums.
     valid = row_valid[:, None] & col_valid[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=col_valid, other=0.0)
+    v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(scale.dtype)
     shift = tl.load(shift_ptr + cols, mask=col_valid, other=0.0)
     g_masked = tl.where(valid & (v * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
     g_stored = g_masked.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, g_stored, mask=valid)
-    g_masked = g_stored.to(tl.float32)
+    g_masked = g_stored.to(scale.dtype)
     mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
     xhat = (v - mean[None, :]) * invstd[None, :]
@@ -126,7 +127,7 @@ def _conv1x1_wgrad_kernel(
     k_valid = ks < K
     c_valid = cs < C
     dot_dtype = g_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    acc = _zero_acc(BLOCK_K, BLOCK_C, dot_dtype)
     scale = tl.load(scale_ptr + cs, mask=c_valid, other=0.0)
     shift = tl.load(shift_ptr + cs, mask=c_valid, other=0.0)
     start = split * rows_per_split
@@ -139,8 +140,8 @@ def _conv1x1_wgrad_kernel(
         in_rows = (img * H + ((rows % hw_out) // W_out) * STRIDE) * W + (rows % W_out) * STRIDE
         amask = row_valid[:, None] & c_valid[None, :]
         v = tl.load(v_ptr + in_rows[:, None].to(tl.int64) * C + cs[None, :], mask=amask, other=0.0)
-        a = tl.where(amask, tl.maximum(v.to(tl.float32) * scale[None, :] + shift[None, :], 0.0), 0.0)
-        acc = tl.dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, input_precision=DOT_PRECISION)
+        a = tl.where(amask, tl.maximum(v.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0), 0.0)
+        acc = _dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, DOT_PRECISION)
     offs = (split * K + ks[:, None]).to(tl.int64) * C + cs[None, :]
     tl.store(part_ptr + offs, acc, mask=k_valid[:, None] & c_valid[None, :])
 
@@ -170,7 +171,7 @@ def conv1x1_dgrad(
     m = n * h * w
     p = triton.cdiv(m, block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
-    part = torch.empty((2, p, c_in), dtype=torch.float32, device=v.device)
+    part = torch.empty((2, p, c_in), dtype=scale.dtype, device=v.device)
     w_kn = weight.reshape(c_out, c_in).to(grad.dtype).contiguous()
     if second_grad is not None:
         second_grad = _nhwc(second_grad)
@@ -204,7 +205,7 @@ def conv1x1_wgrad(
         splits = max(1, min(64, triton.cdiv(m, 4096)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
-    part = torch.empty((splits, k, c), dtype=torch.float32, device=v.device)
+    part = torch.empty((splits, k, c), dtype=scale.dtype, device=v.device)
     pro = prologue or GradPrologue(grad, scale, scale, scale)
     launch(_conv1x1_wgrad_kernel, (triton.cdiv(k, block_k), triton.cdiv(c, block_c), splits), v,
            grad, pro.y, pro.a, pro.b, pro.c, v, scale, shift, part,
@@ -212,4 +213,4 @@ def conv1x1_wgrad(
            STRIDE=stride, PROLOGUE=prologue is not None, DOT_PRECISION=dot_precision(grad.dtype),
            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps, num_stages=num_stages)
     # torch's sum over the split dimension is a fixed-order reduction (no atomics).
-    return part.sum(0).reshape(k, c, 1, 1)
+    return part.sum(0).reshape(k, c, 1, 1).to(grad.dtype)

@@ -24,9 +24,9 @@ def _bn_relu_apply_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < M)[:, None] & (cols < C)[None, :]
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=cols < C, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols < C, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(scale.dtype)
     y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .launch import launch
 
-__all__ = ["channel_stats_partials", "bn_finalize", "new_partials"]
+__all__ = ["channel_stats_partials", "bn_finalize", "new_partials", "stats_dtype"]
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _store_tile_stats(part_ptr, values, row_valid, tile_index, n_tiles, cols, co
     over registers (mean, then squared deviations) keep M2 exact within the tile.
     """
     valid = row_valid[:, None] & col_valid[None, :]
-    count = tl.sum(row_valid.to(tl.float32), axis=0)
+    count = tl.sum(row_valid.to(values.dtype), axis=0)
     mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tl.maximum(count, 1.0)
     dev = tl.where(valid, values - mean[None, :], 0.0)
     m2 = tl.sum(dev * dev, axis=0)
@@ -63,7 +63,7 @@ def _channel_stats_partial_kernel(
     row_valid = rows < M
     col_valid = cols < C
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :],
-                mask=row_valid[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
+                mask=row_valid[:, None] & col_valid[None, :], other=0.0).to(part_ptr.dtype.element_ty)
     _store_tile_stats(part_ptr, x, row_valid, pid_m, tl.num_programs(0), cols, col_valid, C)
 
 
@@ -83,9 +83,9 @@ def _bn_finalize_kernel(
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     col_valid = cols < C
-    n = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    n = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    mean = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    m2 = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
     plane = P * C
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
@@ -99,19 +99,24 @@ def _bn_finalize_kernel(
     var = m2 / tl.maximum(n, 1.0)
     scale = 1.0 / tl.sqrt(var + eps)
     if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + cols, mask=col_valid, other=1.0).to(tl.float32)
+        scale = scale * tl.load(weight_ptr + cols, mask=col_valid, other=1.0).to(scale.dtype)
     shift = -mean * scale
     if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)
+        shift = shift + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(shift.dtype)
     tl.store(mean_ptr + cols, mean, mask=col_valid)
     tl.store(var_ptr + cols, var, mask=col_valid)
     tl.store(scale_ptr + cols, scale, mask=col_valid)
     tl.store(shift_ptr + cols, shift, mask=col_valid)
 
 
-def new_partials(n_tiles: int, channels: int, device: torch.device) -> Tensor:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and BN affines are fp32, or fp64 for fp64 data (the gradcheck path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def new_partials(n_tiles: int, channels: int, device: torch.device, data_dtype: torch.dtype) -> Tensor:
     """Uninitialised partials buffer [3, n_tiles, channels] (every entry is written once)."""
-    return torch.empty((3, n_tiles, channels), dtype=torch.float32, device=device)
+    return torch.empty((3, n_tiles, channels), dtype=stats_dtype(data_dtype), device=device)
 
 
 def channel_stats_partials(x: Tensor, block_m: int = 128, block_c: int = 64) -> Tensor:
@@ -120,7 +125,7 @@ def channel_stats_partials(x: Tensor, block_m: int = 128, block_c: int = 64) -> 
     n, c, h, w = x.shape
     m = n * h * w
     n_tiles = triton.cdiv(m, block_m)
-    part = new_partials(n_tiles, c, x.device)
+    part = new_partials(n_tiles, c, x.device, x.dtype)
     launch(_channel_stats_partial_kernel, (n_tiles, triton.cdiv(c, block_c)), x,
            x, part, m, c, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return part
@@ -130,9 +135,9 @@ def bn_finalize(
     part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     block_p: int = 64, block_c: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, biased var, scale, shift), each fp32 [C], from partials [3, P, C]."""
+    """(mean, biased var, scale, shift), each [C] in the partials' dtype, from partials [3, P, C]."""
     _, p, c = part.shape
-    out = torch.empty((4, c), dtype=torch.float32, device=part.device)
+    out = torch.empty((4, c), dtype=part.dtype, device=part.device)
     mean, var, scale, shift = out.unbind(0)
     launch(_bn_finalize_kernel, (triton.cdiv(c, block_c),), part,
            part, weight if weight is not None else part, bias if bias is not None else part,
