@@ -45,7 +45,7 @@ from . import reference
 from .backends import check_backend, resolve_backend
 from .modules import FusedBasicBlock, FusedBottleneck
 
-__all__ = ["convert", "unconvert", "describe", "SYNC_BATCHNORM_REASON"]
+__all__ = ["convert", "unconvert", "describe", "BACKEND_DESCRIPTIONS", "SYNC_BATCHNORM_REASON"]
 
 #: The reason given for a block whose norms are SyncBatchNorm: the fused kernels compute
 #: per-process batch statistics, SyncBatchNorm reduces them across processes.
@@ -170,7 +170,8 @@ def _check_conv(name: str, conv: Any, kernel: int, reasons: _Reasons) -> int:
     if conv.bias is not None:
         reasons.append((name, "conv bias is not fused"))
     if tuple(conv.kernel_size) != (kernel, kernel):
-        reasons.append((name, f"kernel size {tuple(conv.kernel_size)}, the fused block needs {kernel}x{kernel}"))
+        reasons.append((name, f"kernel size {tuple(conv.kernel_size)}, the fused block needs "
+                              f"{kernel}x{kernel}"))
         return 1
     if tuple(conv.dilation) != (1, 1):
         reasons.append((name, f"dilated convolution (dilation {conv.dilation[0]}) is not fused"))
@@ -190,15 +191,16 @@ def _check_drop_path(block: nn.Module, reasons: _Reasons) -> None:
     prob = getattr(drop_path, "drop_prob", None)
     if type(drop_path).__name__ == "DropPath" and prob == 0:
         return
-    reasons.append(("drop_path", f"{type(drop_path).__name__}(drop_prob={prob:.3g}): stochastic depth is not fused"))
+    reasons.append(("drop_path", f"{type(drop_path).__name__}(drop_prob={prob:.3g}): stochastic depth "
+                                 "is not fused"))
 
 
 def _check_hooks(block: nn.Module, reasons: _Reasons) -> None:
     hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     for name, m in block.named_modules():
         if any(getattr(m, attr, None) for attr in hook_dicts):
-            reasons.append((name or "the block", "hooks registered here would be lost by the swap or not fire "
-                            "inside the fused kernels (remove them, convert, register them again)"))
+            reasons.append((name or "the block", "hooks registered here would be lost by the swap or not "
+                            "fire inside the fused kernels (remove them, convert, register them again)"))
 
 
 def _bottle_ratio(out_chs: int, mid_chs: int) -> float:
@@ -266,7 +268,8 @@ def _block_args(block: nn.Module, origin: str, kind: str) -> dict:
     for name, norm in zip(names, norms):
         _check_norm(name, norm, origin, reasons)
     _check_drop_path(block, reasons)
-    _check_hooks(block, reasons)
+    if origin != "fused":  # a fused block is not swapped: its hooks stay where they are
+        _check_hooks(block, reasons)
     if kind == "bottleneck":
         c1, c2, c3 = block.conv1, block.conv2, block.conv3
         s1, s2, s3 = (_check_conv("conv1", c1, 1, reasons), _check_conv("conv2", c2, 3, reasons),
@@ -390,6 +393,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         try:
             kwargs = _block_args(block, origin, kind)
         except _Unfusable as exc:
+            # A fused block holding what it cannot compute (SyncBatchNorm put in by
+            # convert_sync_batchnorm, say) keeps its backend: convert never makes it worse.
             skipped.append((path or "(root)", str(exc)))
             continue
         if origin == "fused":
@@ -404,8 +409,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         root = _replace(root, path, swapped[id(block)])
     if skipped:
         lines = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
-        warnings.warn(f"resnet_fused.convert: {len(skipped)} block(s) left unfused (eager):\n{lines}",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"resnet_fused.convert: {len(skipped)} block(s) not converted, left as they "
+                      f"were:\n{lines}", UserWarning, stacklevel=2)
     _set_model_backend(root, backend)
     return root
 
@@ -439,7 +444,12 @@ def _runs(block: nn.Module, origin: str, kind: str) -> tuple[bool, str, Optional
     """(fused, what runs, reason if not fused) for one block."""
     if origin == "fused":
         backend = block.backend
-        return backend != "reference", BACKEND_DESCRIPTIONS.get(backend, backend), None
+        runs = BACKEND_DESCRIPTIONS.get(backend, backend)
+        try:
+            _block_args(block, origin, kind)
+        except _Unfusable as exc:  # e.g. SyncBatchNorm swapped into a fused block: say so
+            return backend != "reference", f"{runs}, but: {exc}", str(exc)
+        return backend != "reference", runs, None
     if origin == "reference":
         return False, "reference", None
     try:
@@ -456,8 +466,9 @@ def describe(model: nn.Module, as_dict: bool = False) -> Union[str, dict[str, di
     Returns one line per block, ``"<path>: <type> -> <what runs>"``, where what runs is
     ``triton``, ``cuda``, ``reference`` (eager), ``auto (triton on CUDA, eager on CPU)``, or
     ``not fused: <reason>`` (an unconverted timm block: why it cannot be fused, or that
-    ``convert()`` can fuse it). The path of a model that is itself a block is ``(root)``; a model
-    without blocks gives an empty string.
+    ``convert()`` can fuse it). A fused block holding something its kernels ignore (a
+    SyncBatchNorm swapped in after it was built) reads ``<backend>, but: <reason>``. The path of
+    a model that is itself a block is ``(root)``; a model without blocks gives an empty string.
 
     With ``as_dict=True``: ``{path: {"type": class name, "origin": "fused" | "reference" | "timm",
     "kind": "bottleneck" | "basic", "backend": the fused block's backend or None, "fused": bool

@@ -168,6 +168,8 @@ class ResNetV2(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"ResNetV2 expects an (N, {self.in_chans}, H, W) image batch, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"ResNetV2 expects a floating-point image batch, got {x.dtype}")
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: Tensor) -> Tensor:

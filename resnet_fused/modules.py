@@ -77,10 +77,21 @@ class _FusedBlock:
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
+    def _check_counts(self, training: Sequence[bool], counts: Sequence[int], shape) -> None:
+        """Batch statistics need more than one value per channel (PyTorch's own rule and message)."""
+        for trains, count in zip(training, counts):
+            if trains and count == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {list(shape)} "
+                    f"({type(self).__name__}: a norm sees one value per channel)")
+
     def _update_running_stats(self, training: Sequence[bool], stats: Sequence[Tensor],
                               counts: Sequence[int]) -> None:
         for i, (norm, trains) in enumerate(zip(self._norms(), training)):
-            if trains and norm.training and norm.running_mean is not None:
+            if trains and norm.training and norm.running_mean is not None and counts[i] == 0:
+                # An empty batch moves nothing, as in eager; it still counts as a batch.
+                norm.num_batches_tracked.add_(1)
+            elif trains and norm.training and norm.running_mean is not None:
                 reference.update_running_stats(
                     norm.running_mean, norm.running_var, norm.num_batches_tracked,
                     stats[2 * i], stats[2 * i + 1], counts[i], norm.momentum)
@@ -119,14 +130,16 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
             return super().forward(x)
         xc, (w1, w2, w3), w_proj = self._prepare(x)
         norm_args = self._norm_args(xc)
+        n, _, h, w = x.shape
+        s1 = self.stride if self.stride_on == "1x1" else 1
+        h2, w2_ = -(-h // self.stride), -(-w // self.stride)
+        counts = (n * h * w, n * -(-h // s1) * -(-w // s1), n * h2 * w2_)
+        self._check_counts(norm_args["training"], counts, x.shape)
         outs = block_ops.bottleneck_forward(
             xc, w1, w2, w3, w_proj, **norm_args, stride=self.stride, groups=self.groups,
             shortcut=self.shortcut, stride_on=self.stride_on,
             fold_eval=self._fold_eval(xc, norm_args["training"]), backend=backend)
         out = outs[0]
-        n, _, h, w = x.shape
-        s1 = self.stride if self.stride_on == "1x1" else 1
-        counts = (n * h * w, n * -(-h // s1) * -(-w // s1), out.shape[0] * out.shape[2] * out.shape[3])
         self._update_running_stats(norm_args["training"], outs[3:], counts)  # after out, y1, y2
         return self._output_format(x, out)
 
@@ -151,13 +164,14 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
             return super().forward(x)
         xc, (w1, w2), w_proj = self._prepare(x)
         norm_args = self._norm_args(xc)
+        n, _, h, w = x.shape
+        counts = (n * h * w, n * -(-h // self.stride) * -(-w // self.stride))
+        self._check_counts(norm_args["training"], counts, x.shape)
         outs = block_ops.basic_block_forward(
             xc, w1, w2, w_proj, **norm_args, stride=self.stride, groups=self.groups,
             shortcut=self.shortcut, fold_eval=self._fold_eval(xc, norm_args["training"]),
             backend=backend)
         out = outs[0]
-        n, _, h, w = x.shape
-        counts = (n * h * w, out.shape[0] * out.shape[2] * out.shape[3])
         self._update_running_stats(norm_args["training"], outs[2:], counts)  # after out, y1
         return self._output_format(x, out)
 

@@ -80,7 +80,9 @@ def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr
     if PROLOGUE:
         scale = tl.load(scale_ptr + ks, mask=k_valid, other=0.0)
         shift = tl.load(shift_ptr + ks, mask=k_valid, other=0.0)
-        act = tl.maximum(a.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0)
+        # NaN must propagate as in eager (max's default would turn it into 0 and hide it).
+        act = tl.maximum(a.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0,
+                         propagate_nan=tl.PropagateNan.ALL)
         # Padding and tile overhang are zero in the ACTIVATED domain: relu(shift) is not zero.
         a = tl.where(valid, act, 0.0)
     return a.to(DOT_DTYPE)
@@ -156,7 +158,8 @@ def _bn_relu_conv_kernel(
     if POST_BN_RELU:
         post_scale = tl.load(post_scale_ptr + cols, mask=col_valid, other=0.0)
         post_shift = tl.load(post_shift_ptr + cols, mask=col_valid, other=0.0)
-        y = tl.maximum(y.to(acc.dtype) * post_scale[None, :] + post_shift[None, :], 0.0)
+        y = tl.maximum(y.to(acc.dtype) * post_scale[None, :] + post_shift[None, :], 0.0,
+                       propagate_nan=tl.PropagateNan.ALL)
         y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * C_out + cols[None, :], y,
              mask=row_valid[:, None] & col_valid[None, :])

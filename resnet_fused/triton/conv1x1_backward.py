@@ -140,7 +140,8 @@ def _conv1x1_wgrad_kernel(
         in_rows = (img * H + ((rows % hw_out) // W_out) * STRIDE) * W + (rows % W_out) * STRIDE
         amask = row_valid[:, None] & c_valid[None, :]
         v = tl.load(v_ptr + in_rows[:, None].to(tl.int64) * C + cs[None, :], mask=amask, other=0.0)
-        a = tl.where(amask, tl.maximum(v.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0), 0.0)
+        a = tl.where(amask, tl.maximum(v.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0,
+                                        propagate_nan=tl.PropagateNan.ALL), 0.0)
         acc = _dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, DOT_PRECISION)
     offs = (split * K + ks[:, None]).to(tl.int64) * C + cs[None, :]
     tl.store(part_ptr + offs, acc, mask=k_valid[:, None] & c_valid[None, :])
@@ -201,6 +202,8 @@ def conv1x1_wgrad(
     n, k, h_out, w_out = grad.shape
     c, h, w = v.shape[1:]
     m = n * h_out * w_out
+    if m == 0:  # an empty batch: no rows, a zero weight gradient (as eager gives)
+        return torch.zeros((k, c, 1, 1), dtype=grad.dtype, device=grad.device)
     if splits is None:
         splits = max(1, min(64, triton.cdiv(m, 4096)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m

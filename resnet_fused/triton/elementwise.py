@@ -27,7 +27,7 @@ def _bn_relu_apply_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, M, C,
     scale = tl.load(scale_ptr + cols, mask=cols < C, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols < C, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(scale.dtype)
-    y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+    y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
