@@ -121,8 +121,13 @@ def _backward_norms(weights, biases, means, vars_, training, eps) -> list[triton
 
 
 def _grad_list(g: dict, tensor_names: Sequence[str], n_norms: int, like: Tensor) -> list[Tensor]:
-    """The backward op's outputs in order; a missing gradient (no projection) is an empty tensor."""
-    out = [g[k] if g.get(k) is not None else like.new_empty((0,)) for k in tensor_names]
+    """The backward op's outputs in order; a missing gradient (no projection) is an empty tensor.
+
+    The input gradient is channels_last; weight gradients are contiguous like the weights
+    (ATen's conv backward returns them in its inputs' memory format), as the fake says.
+    """
+    out = [g["x"].contiguous(memory_format=torch.channels_last)]
+    out += [g[k].contiguous() if g.get(k) is not None else like.new_empty((0,)) for k in tensor_names[1:]]
     return out + [g[f"bn_weight{i}"] for i in range(n_norms)] + [g[f"bn_bias{i}"] for i in range(n_norms)]
 
 

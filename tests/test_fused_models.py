@@ -1,0 +1,143 @@
+"""Whole fused models: training steps track the reference, torch.compile without graph breaks,
+the backward ops pass opcheck, and (GPU) a training step captures in a CUDA graph."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import resnet_fused as rf
+from helpers import randomize_bn, requires_cuda
+from resnet_fused.configs import ModelConfig
+from resnet_fused.triton.configs import BackwardConfig, StatsConfig, forced_configs
+from resnet_fused.triton.conv import ConvConfig
+from resnet_fused.triton.launch import launch_counts, reset_launch_counts
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# A tiny ResNet-v2: two bottleneck stages (projection, stride 2, identity units) and widths that
+# are not multiples of 16; the 7x7 stem stays eager.
+TINY = ModelConfig("bottleneck", (2, 1), (24, 40), 0.5)
+TILES = dict(conv=ConvConfig(32, 16, 16, 4, 1), stats=StatsConfig(32, 16, 4),
+             backward=BackwardConfig(32, 16, 16, 4, 1))
+
+
+def tiny_models(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    fused = rf.ResNetV2(TINY, num_classes=5, backend="triton").to(DEVICE)
+    randomize_bn(fused, gen)
+    eager = rf.ResNetV2(TINY, num_classes=5, backend="reference").to(DEVICE)
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
+def test_training_steps_track_the_reference(gen):
+    """Three SGD steps: losses, every parameter and running statistic follow the eager model."""
+    fused, eager = tiny_models(gen)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fused, eager)]
+    losses = {"fused": [], "eager": []}
+    reset_launch_counts()
+    with forced_configs(**TILES):
+        for _ in range(3):
+            x = torch.randn(4, 3, 32, 32, generator=gen).to(DEVICE)
+            target = torch.randint(0, 5, (4,), generator=gen).to(DEVICE)
+            for key, model, opt in (("fused", fused, opts[0]), ("eager", eager, opts[1])):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                opt.step()
+                losses[key].append(loss.item())
+    counts = launch_counts()
+    assert counts["_bn_relu_conv_kernel"] == 3 * 3 * 3 and counts["_conv1x1_dgrad_kernel"] == 3 * 3 * 2, counts
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(fused.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_compiled_model_fullgraph(gen):
+    """torch.compile(model, fullgraph=True): no graph break through the fused ops, forward and
+    backward, same outputs and gradients as eager."""
+    fused, eager = tiny_models(gen)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, generator=gen).to(DEVICE)
+    with forced_configs(**TILES):
+        reset_launch_counts()
+        out = compiled(x)
+        out.square().sum().backward()
+    assert launch_counts()["_bn_relu_conv_kernel"] == 9
+    expected = eager(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(fused.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_backward_ops_opcheck(kind, gen):
+    """The backward ops themselves (schema, fake tensors) pass torch.library.opcheck."""
+    kwargs = dict(in_chs=8, out_chs=12, stride=2) | (dict(bottle_ratio=0.5) if kind == "bottleneck" else {})
+    block = rf.make_block(kind, backend="triton", **kwargs).to(DEVICE).train()
+    randomize_bn(block, gen)
+    x = torch.randn(2, 8, 5, 5, generator=gen).to(DEVICE)
+    name = "bottleneck_backward" if kind == "bottleneck" else "basic_block_backward"
+    packet = getattr(torch.ops.resnet_fused, name)
+    real = packet.default
+    calls = []
+    with forced_configs(**TILES):
+        out = block(x.requires_grad_())
+
+        class Recorder:
+            def __call__(self, *args, **kwargs):
+                calls.append((args, kwargs))
+                return real(*args, **kwargs)
+
+        # Record the arguments the autograd formula passes to the backward op.
+        try:
+            setattr(torch.ops.resnet_fused, name, Recorder())
+            out.sum().backward()
+        finally:
+            setattr(torch.ops.resnet_fused, name, packet)
+        assert calls, "the backward op did not run"
+        args, kwargs = calls[0]
+        torch.library.opcheck(real, args, kwargs,
+                              test_utils=("test_schema", "test_faketensor"))  # no double backward by design
+
+
+@requires_cuda
+def test_training_step_captures_in_a_cuda_graph(gen):
+    """A whole training step (forward, backward, SGD) of a fused model captures and replays: no
+    host synchronisation inside the ops."""
+    fused, eager = tiny_models(gen)
+    fused = fused.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.01, capturable=True) if "capturable" in \
+        torch.optim.SGD.__init__.__code__.co_varnames else torch.optim.SGD(fused.parameters(), lr=0.01)
+    x = torch.randn(8, 3, 32, 32, generator=gen).cuda()
+    target = torch.randint(0, 5, (8,), generator=gen).cuda()
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(fused(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: kernels compiled, allocator pools settled
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    before = copy.deepcopy(fused.state_dict())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(static_loss)
+    changed = [k for k, v in fused.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("conv" in k for k in changed) and any("running_mean" in k for k in changed)
