@@ -1,8 +1,13 @@
 """Shared test utilities (imported by the test modules; pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+from resnet_fused.triton.configs import BackwardConfig, StatsConfig
+from resnet_fused.triton.conv import ConvConfig
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,3 +59,19 @@ def assert_parity(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
     err, eager_err = rel_err(fused, exact), rel_err(eager, exact)
     bound = tolerance(dtype, eager_err)
     assert err <= bound, f"{what}: fused error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {dtype})"
+
+
+# ---- Running the Triton path: device, skip rule, forced small tiles ------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: Triton kernels run on a GPU, or on the CPU under the interpreter (set by conftest.py).
+requires_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+
+# Small tiles, so that multi-tile M/N/K, partial tiles and cross-tile statistics merges all run at
+# the tests' tiny shapes (16 is tl.dot's smallest dimension).
+SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
+SMALL_BACKWARD = BackwardConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)

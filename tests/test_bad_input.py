@@ -11,24 +11,18 @@ train mode and their backward were found here and fixed.)
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import resnet_fused as rf
-from helpers import assert_parity, randomize_bn, requires_cuda
-from resnet_fused.triton.configs import StatsConfig, forced_configs
-from resnet_fused.triton.conv import ConvConfig
+from helpers import (DEVICE, SMALL_CONV, SMALL_STATS, assert_parity, randomize_bn, requires_cuda,
+                     requires_triton)
+from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
-interpreted = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+interpreted = requires_triton
 
-SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # name -> (block kind, constructor kwargs). 4-8 channels keep the interpreter fast; the strided
 # projection case covers the shortcut's reads of a strided input.

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import DEVICE, requires_triton
 from resnet_fused.triton.configs import StatsConfig, forced_configs
 from resnet_fused.triton.conv import ConvConfig
 
 pytest.importorskip("sklearn", reason="scikit-learn provides the digits data set (pip install scikit-learn)")
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+pytestmark = requires_triton
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS, BATCH, EVAL_IMAGES = 10, 8, 64
 LOSS_RTOL, ACC_TOL = 1e-3, 2.0
 # Tiles for the interpreter's speed (the default statistics config costs ~4 s per forward of

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import warnings
 from functools import partial
 
@@ -18,23 +17,17 @@ import torch
 import torch.nn as nn
 
 import resnet_fused as rf
-from helpers import assert_parity, randomize_bn
+from helpers import DEVICE, SMALL_CONV, SMALL_STATS, assert_parity, randomize_bn, requires_triton
 from resnet_fused import reference as ref
-from resnet_fused.triton.configs import StatsConfig, forced_configs
-from resnet_fused.triton.conv import ConvConfig
+from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
 timm = pytest.importorskip("timm", reason="timm is optional; the timm conversion tests need it")
 from timm.layers import BatchNormAct2d, DropPath, GroupNormAct, create_conv2d  # noqa: E402
 from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
 
-interpreted = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+interpreted = requires_triton
 
-SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The package exports the function ``convert``, which shadows the submodule of the same name as
 # an attribute of ``resnet_fused``; import_module returns the module itself.
 convert_module = importlib.import_module("resnet_fused.convert")

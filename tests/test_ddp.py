@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resnet_fused as rf
+from helpers import SMALL_CONV, SMALL_STATS
 from resnet_fused.reference import BatchNormReLU2d
-from resnet_fused.triton.configs import StatsConfig, forced_configs
-from resnet_fused.triton.conv import ConvConfig
+from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
 pytestmark = [
@@ -38,8 +38,6 @@ pytestmark = [
 WORLD_SIZE = 2
 STEPS = 3
 SHARD = 4  # images per rank per step
-SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
 TIMEOUT_S = 150
 
 

@@ -3,23 +3,19 @@ the backward ops pass opcheck, and (GPU) a training step captures in a CUDA grap
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import resnet_fused as rf
-from helpers import randomize_bn, requires_cuda
+from helpers import DEVICE, randomize_bn, requires_cuda, requires_triton
 from resnet_fused.configs import ModelConfig
 from resnet_fused.triton.configs import BackwardConfig, StatsConfig, forced_configs
 from resnet_fused.triton.conv import ConvConfig
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+pytestmark = requires_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A tiny ResNet-v2: two bottleneck stages (projection, stride 2, identity units) and widths that
 # are not multiples of 16; the 7x7 stem stays eager.
 TINY = ModelConfig("bottleneck", (2, 1), (24, 40), 0.5)

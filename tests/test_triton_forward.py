@@ -8,27 +8,19 @@ run at these tiny shapes.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import resnet_fused as rf
-from helpers import assert_parity, randomize_bn
-from resnet_fused import reference as ref
+from helpers import (DEVICE, SMALL_BACKWARD, SMALL_CONV, SMALL_STATS, assert_parity, randomize_bn,
+                     requires_triton)
 from resnet_fused.ops import blocks as block_ops
-from resnet_fused.triton.configs import BackwardConfig, StatsConfig, forced_configs
-from resnet_fused.triton.conv import ConvConfig
+from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or TRITON_INTERPRET=1 (set by conftest.py on a machine without a GPU)")
+pytestmark = requires_triton
 
-SMALL_CONV = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-SMALL_STATS = StatsConfig(block_m=16, block_c=16, block_p=2)
-SMALL_BACKWARD = BackwardConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (block, kwargs, input (N, H, W)): odd widths (12, 20), 7x7 and 5x9, batch 1, every shortcut.
 CASES = {

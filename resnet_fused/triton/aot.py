@@ -108,8 +108,6 @@ def check_all(target: GPUTarget = HOPPER) -> list[dict]:
 
 
 def _backward_records(target: GPUTarget) -> list[dict]:
-    from .conv import dot_precision
-
     """The fused 1x1 dgrad (with the prologue and the projection K-loop) and wgrad kernels, for
     every GPU backward config and dtype."""
     from . import conv1x1_backward as bw

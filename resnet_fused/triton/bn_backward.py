@@ -29,6 +29,27 @@ __all__ = ["relu_grad_sums", "bn_backward_coefficients", "bn_backward_apply", "B
 
 
 @triton.jit
+def _relu_mask_store_sums(g, v_ptr, scale, shift_ptr, mean_ptr, invstd_ptr, out_ptr, part_ptr,
+                          offs, mask, pid_m, cols, col_valid, C):
+    """g' = g * [v * scale + shift > 0] stored at ``offs``, and this tile's partial sums of g'
+    and g' * xhat (dbeta, dgamma) into part [2, tiles, C]. Shared by the standalone pass and
+    the fused 1x1 dgrad epilogue."""
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(scale.dtype)
+    shift = tl.load(shift_ptr + cols, mask=col_valid, other=0.0)
+    g = tl.where(mask & (v * scale[None, :] + shift[None, :] > 0.0), g, 0.0)
+    g_stored = g.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, g_stored, mask=mask)
+    # Sums of the value as stored, which is what the next dgrad/wgrad reads.
+    g = g_stored.to(scale.dtype)
+    mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
+    xhat = (v - mean[None, :]) * invstd[None, :]
+    plane = tl.num_programs(0) * C
+    tl.store(part_ptr + pid_m * C + cols, tl.sum(g, axis=0), mask=col_valid)
+    tl.store(part_ptr + plane + pid_m * C + cols, tl.sum(g * xhat, axis=0), mask=col_valid)
+
+
+@triton.jit
 def _relu_grad_sums_kernel(
     grad_ptr, extra_ptr, v_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, out_ptr, part_ptr,
     M, C,
@@ -48,19 +69,8 @@ def _relu_grad_sums_kernel(
         # A second gradient of the same activation (the projection shortcut reads a1 too):
         # added BEFORE the ReLU mask and the sums.
         g += tl.load(extra_ptr + offs, mask=mask, other=0.0).to(ct)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ct)
-    shift = tl.load(shift_ptr + cols, mask=col_valid, other=0.0)
-    mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
-    g = tl.where((v * scale[None, :] + shift[None, :] > 0.0) & mask, g, 0.0)
-    g_stored = g.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, g_stored, mask=mask)
-    # Sums of the value as stored, which is what the next dgrad/wgrad reads.
-    g = g_stored.to(ct)
-    xhat = (v - mean[None, :]) * invstd[None, :]
-    plane = tl.num_programs(0) * C
-    tl.store(part_ptr + pid_m * C + cols, tl.sum(g, axis=0), mask=col_valid)
-    tl.store(part_ptr + plane + pid_m * C + cols, tl.sum(g * xhat, axis=0), mask=col_valid)
+    _relu_mask_store_sums(g, v_ptr, scale, shift_ptr, mean_ptr, invstd_ptr, out_ptr, part_ptr,
+                          offs, mask, pid_m, cols, col_valid, C)
 
 
 @triton.jit

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .bn_backward import _relu_mask_store_sums
 from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch
 
@@ -95,18 +96,8 @@ def _conv1x1_dgrad_kernel(
     valid = row_valid[:, None] & col_valid[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     scale = tl.load(scale_ptr + cols, mask=col_valid, other=0.0)
-    v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(scale.dtype)
-    shift = tl.load(shift_ptr + cols, mask=col_valid, other=0.0)
-    g_masked = tl.where(valid & (v * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
-    g_stored = g_masked.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, g_stored, mask=valid)
-    g_masked = g_stored.to(scale.dtype)
-    mean = tl.load(mean_ptr + cols, mask=col_valid, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=col_valid, other=0.0)
-    xhat = (v - mean[None, :]) * invstd[None, :]
-    plane = tl.num_programs(0) * N
-    tl.store(part_ptr + pid_m * N + cols, tl.sum(g_masked, axis=0), mask=col_valid)
-    tl.store(part_ptr + plane + pid_m * N + cols, tl.sum(g_masked * xhat, axis=0), mask=col_valid)
+    _relu_mask_store_sums(acc.to(scale.dtype), v_ptr, scale, shift_ptr, mean_ptr, invstd_ptr, out_ptr,
+                          part_ptr, offs, valid, pid_m, cols, col_valid, N)
 
 
 @triton.jit
