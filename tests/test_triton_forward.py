@@ -403,3 +403,31 @@ def test_gradcheck_float64_through_triton(case, mode, gen):
     assert torch.autograd.gradcheck(run, (x, *params), fast_mode=True)
     counts = launch_counts()
     assert counts["_bn_relu_conv_kernel"] > 0 and counts["_bn_backward_coefficients_kernel"] > 0, counts
+
+
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "basic-projection-s2"])
+def test_ctx_holds_no_tensor_attributes(case, gen):
+    """Every tensor the backward needs goes through save_for_backward (where autograd checks
+    versions and saved-tensor hooks apply); the autograd node's other attributes hold none."""
+    kind, kwargs, _ = CASES[case]
+    block = rf.make_block(kind, backend="triton", **kwargs).to(DEVICE).train()
+    x = make_input(case, torch.float32, gen).requires_grad_()
+    out = run_fused(block, x, grad=True)
+    node = out.grad_fn
+    while node is not None and "resnet_fused" not in type(node).__name__:
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert node is not None, "the fused op's autograd node was not found"
+
+    def holds_tensor(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return True
+        if isinstance(value, (list, tuple)):
+            return any(holds_tensor(v) for v in value)
+        if isinstance(value, dict):
+            return any(holds_tensor(v) for v in value.values())
+        return False
+
+    attributes = {k: v for k, v in vars(node).items() if k != "saved_tensors"}
+    assert "saved_names" in attributes and "training" in attributes  # the ctx we set is this node
+    assert not [k for k, v in attributes.items() if holds_tensor(v)]
+    assert len(node.saved_tensors) == len(node.saved_names)
