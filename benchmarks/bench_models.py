@@ -68,6 +68,31 @@ CONVENTIONS = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
+def create_model(name: str, backend: str = "reference") -> nn.Module:
+    """A package model, or ``timm:<name>``: timm's own model (eager as timm builds it for the
+    reference, converted in place with ``resnet_fused.convert`` for a fused backend)."""
+    if not name.startswith(TIMM_PREFIX):
+        return resnet_fused.create_model(name, backend=backend)
+    import timm  # optional: only for timm:<name> models
+
+    model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+    if backend != "reference":
+        resnet_fused.convert(model, backend=backend)
+    return model
+
+
+def check_models(spec: str) -> list[str]:
+    """--models: package model names and timm:<name> entries (timm's name checked by timm)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    ours = [n for n in names if not n.startswith(TIMM_PREFIX)]
+    if ours:
+        harness.parse_choices(",".join(ours), resnet_fused.list_models(), "--models")
+    return names
+
+
 class ModelBenchmark:
     """Runs the throughput cases (and the classic benchmark) and fills the run record."""
 
@@ -89,7 +114,7 @@ class ModelBenchmark:
         key = (model_name, batch, image_size)
         if key not in self.macs:
             with torch.device("meta"):
-                model = resnet_fused.create_model(model_name)
+                model = create_model(model_name)
             self.macs[key] = resnet_fused.count_macs(model, (batch, 3, image_size, image_size)).total
         return self.macs[key]
 
@@ -100,11 +125,11 @@ class ModelBenchmark:
         # The same seed for every implementation: the same weights and images everywhere.
         harness.seed_everything(self.args.seed)
         prepare = self._prepare(dtype_mode)
-        reference = prepare(resnet_fused.create_model(model_name))
+        reference = prepare(create_model(model_name))
         images = torch.randn(batch, 3, image_size, image_size, device=self.device, dtype=dtype_mode.image_dtype)
         images = images.contiguous(memory_format=self.memory_format)
         module, run = harness.build_implementation(
-            impl, lambda backend: resnet_fused.create_model(model_name, backend=backend), reference, prepare,
+            impl, lambda backend: create_model(model_name, backend), reference, prepare,
             self.device, self.args.compile_mode)
         return module, run, images
 
@@ -280,7 +305,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, argpa
         description="Benchmark whole pre-activation ResNets: training and inference images/s.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", default="resnet_v2_50",
-                        help=f"comma-separated, from {', '.join(resnet_fused.list_models())}; 'none' runs "
+                        help=f"comma-separated, from {', '.join(resnet_fused.list_models())}, or timm:<name> "
+                             "(timm's model, converted with resnet_fused.convert for the fused rows); 'none' runs "
                              "only --classic")
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on a CPU")
     parser.add_argument("--classic", action="store_true",
@@ -305,8 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype_modes, modes, impls = harness.check_common_arguments(parser, args, device, MODES, "amp-bf16",
                                                                interpreted_triton=False)
     try:
-        models = [] if args.models == "none" else harness.parse_choices(
-            args.models, resnet_fused.list_models(), "--models")
+        models = [] if args.models == "none" else check_models(args.models)
         classic_dtypes = [harness.DTYPE_MODES[m] for m in harness.parse_dtypes(
             args.classic_dtype, device, "fp32,amp-bf16", "--classic-dtype")]
         classic_impls = harness.parse_impls(args.classic_impls, device, with_cudagraphs=True,

@@ -13,7 +13,8 @@
 #             machine's torch/triton they are the compatibility check); JUnit summary in the JSON
 #   bench     benchmarks/bench_blocks.py: batch 256, bf16 + amp-bf16, channels_last, all modes,
 #             eager / fused backends / torch.compile, ResNet-50 units (BENCH_ARGS adds options)
-#   models    benchmarks/bench_models.py with --classic (MODELS_ARGS adds options)
+#   models    benchmarks/bench_models.py with --classic (MODELS_ARGS adds options, e.g.
+#             --models resnet_v2_50,timm:resnetv2_50,timm:resnetv2_101 for converted timm models)
 #   sanitize  compute-sanitizer memcheck and racecheck over scripts/sanitize_blocks.py (one
 #             forward+backward of each block type through the cuda backend)
 #   all       all of the above, in that order
