@@ -116,6 +116,7 @@ def environment(device: torch.device) -> dict:
         "available_backends": list(resnet_fused.available_backends()),
         "extension": _extension_status(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "triton_3x3_strategy": os.environ.get("RESNET_FUSED_3X3_STRATEGY", "") or "default",
         "torch_threads": torch.get_num_threads(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_precision": torch.get_float32_matmul_precision(),

@@ -47,9 +47,9 @@ def test_statistics_kernels_compile(records):
 
 
 def test_backward_gemms_compile_with_wgmma(records):
-    for name in ("_conv1x1_dgrad_kernel", "_conv1x1_wgrad_kernel"):
+    for name in ("_conv_dgrad_kernel", "_conv_wgrad_kernel"):
         found = [r for r in records if r["kernel"] == name]
-        assert {r["dtype"] for r in found} == {"bf16", "fp16", "fp32"}, name
+        assert {(r["dtype"], r["ksize"]) for r in found} == {(d, k) for d in ("bf16", "fp16", "fp32") for k in (1, 3)}, name
         for r in found:
             if r["dtype"] in ("bf16", "fp16"):
                 assert r["wgmma"], r

@@ -68,9 +68,12 @@ def set_mode(modules, mode):
                     norm.eval()
 
 
-def run_fused(fused, x, grad=False):
+def run_fused(fused, x, grad=False, strategy="fused"):
+    """The fused block's forward with small tiles; the 3x3 strategy forced (on a GPU the default
+    would be the hybrid, whose kernel counts differ)."""
     reset_launch_counts()
-    with forced_configs(SMALL_CONV, SMALL_STATS, backward=SMALL_BACKWARD), torch.set_grad_enabled(grad):
+    with forced_configs(SMALL_CONV, SMALL_STATS, strategy=strategy, backward=SMALL_BACKWARD), \
+            torch.set_grad_enabled(grad):
         return fused(x)
 
 
@@ -249,15 +252,15 @@ def test_auto_backend_runs_eager_on_cpu(gen):
     assert (launch_counts()["_bn_relu_conv_kernel"] == 3) == bool(expected)
 
 
-# ---- Backward (for now: the reference recomputed from the saved input) ------------------
+# ---- Backward: the fused dgrad/wgrad GEMMs and BN-backward kernels -----------------------
 
 
-def _grads(module, x, grad_out):
+def _grads(module, x, grad_out, strategy="fused"):
     x = x.detach().clone().requires_grad_()
     module.zero_grad(set_to_none=True)
     fused = isinstance(module, (rf.FusedBottleneck, rf.FusedBasicBlock))
-    out = run_fused(module, x, grad=True) if fused else module(x)
-    with forced_configs(SMALL_CONV, SMALL_STATS, backward=SMALL_BACKWARD):
+    out = run_fused(module, x, grad=True, strategy=strategy) if fused else module(x)
+    with forced_configs(SMALL_CONV, SMALL_STATS, strategy=strategy, backward=SMALL_BACKWARD):
         out.backward(grad_out.to(out.dtype))
     return {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
 
@@ -280,8 +283,11 @@ def test_backward_parity(case, mode, dtype, gen):
     want, eager_grads = _grads(exact, x.double(), grad_out), _grads(eager, x, grad_out)
     kind = CASES[case][0]
     assert counts["_bn_relu_conv_kernel"] == CONVS[kind]
-    # backward kernels: the fused 1x1 dgrad (conv3, conv1) of a bottleneck, BN coefficients per norm
-    assert counts["_conv1x1_dgrad_kernel"] == (2 if kind == "bottleneck" else 0), counts
+    # backward kernels: one fused dgrad and wgrad per conv (the 3x3 too: the interpreter's strategy is
+    # "fused"), one more wgrad for a projection, BN coefficients per norm
+    projection = any(name.startswith("downsample.") for name in want)
+    assert counts["_conv_dgrad_kernel"] == CONVS[kind], counts
+    assert counts["_conv_wgrad_kernel"] == CONVS[kind] + projection, counts
     assert counts["_bn_backward_coefficients_kernel"] == NORMS[kind], counts
     assert set(got) == set(want)
     for name in want:
@@ -341,7 +347,7 @@ def test_torch_compile_fullgraph(gen):
     x = make_input("bottleneck-projection-s2", torch.float32, gen)
     compiled = torch.compile(fused, fullgraph=True)
     fused.train()
-    with forced_configs(SMALL_CONV, SMALL_STATS):
+    with forced_configs(SMALL_CONV, SMALL_STATS, strategy="fused"):
         reset_launch_counts()
         out = compiled(x)
     assert launch_counts()["_bn_relu_conv_kernel"] == 3
@@ -369,6 +375,28 @@ def test_hybrid_3x3_strategy(case, mode, gen):
     assert counts["_bn_relu_apply_kernel"] == (0 if (kind, mode) == ("bottleneck", "eval") else 1), counts
     assert_parity(out, eager_out, expected, torch.float32, "output")
     check_running_stats(fused, exact, eager, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["bottleneck-projection-s2", "resnext-g4-s2", "basic-projection-s2"])
+def test_hybrid_3x3_backward(case, gen):
+    """Under the hybrid strategy the 3x3's dgrad/wgrad run through ATen on the materialised
+    activation and dy; every gradient still matches (the 1x1s stay fused Triton GEMMs)."""
+    fused, exact, eager = make_pair(case, torch.float32, gen)
+    set_mode((fused, exact, eager), "train")
+    x = make_input(case, torch.float32, gen)
+    with torch.no_grad():
+        out_shape = exact(x.double()).shape
+    set_mode((fused, exact, eager), "train")
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    got = _grads(fused, x, grad_out, strategy="hybrid")
+    counts = launch_counts()
+    want, eager_grads = _grads(exact, x.double(), grad_out), _grads(eager, x, grad_out)
+    kind = CASES[case][0]
+    one_by_one = 2 if kind == "bottleneck" else 0  # the basic block has no 1x1 conv
+    assert counts["_conv_dgrad_kernel"] == one_by_one, counts
+    assert counts["_relu_grad_sums_kernel"] == CONVS[kind] - one_by_one, counts
+    for name in want:
+        assert_parity(got[name], eager_grads[name], want[name], torch.float32, f"grad {name}")
 
 
 # The smallest shapes of each block type and shortcut: gradcheck perturbs every input element.

@@ -108,9 +108,9 @@ def check_all(target: GPUTarget = HOPPER) -> list[dict]:
 
 
 def _backward_records(target: GPUTarget) -> list[dict]:
-    """The fused 1x1 dgrad (with the prologue and the projection K-loop) and wgrad kernels, for
-    every GPU backward config and dtype."""
-    from . import conv1x1_backward as bw
+    """The fused dgrad (with the BN-backward prologue and the projection K-loop) and wgrad
+    kernels, 1x1 and 3x3 (stride 2), for every GPU backward config and dtype."""
+    from . import conv_backward as bw
     from .configs import BACKWARD_GPU_CONFIGS
     from .conv import dot_precision
 
@@ -118,19 +118,23 @@ def _backward_records(target: GPUTarget) -> list[dict]:
     for sixteen, cfg in BACKWARD_GPU_CONFIGS.items():
         for dtype in ((torch.bfloat16, torch.float16) if sixteen else (torch.float32,)):
             data = TRITON_DTYPES[dtype]
-            kernels = {
-                "_conv1x1_dgrad_kernel": (bw._conv1x1_dgrad_kernel, ("g_ptr", "gy_ptr", "w_ptr", "g2_ptr", "w2_ptr", "v_ptr", "out_ptr"),
-                                          dict(STRIDE=2, STRIDE2=2, PROLOGUE=True, SECOND=True, BLOCK_M=cfg.block_m,
-                                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), ("N", "K", "K2", "M")),
-                "_conv1x1_wgrad_kernel": (bw._conv1x1_wgrad_kernel, ("g_ptr", "gy_ptr", "v_ptr"),
-                                          dict(STRIDE=2, PROLOGUE=True, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-                                               BLOCK_C=cfg.block_n), ("K", "C", "M", "rows_per_split")),
-            }
-            for name, (kernel, data_ptrs, flags, divisible) in kernels.items():
-                pointers = {n: (data if n in data_ptrs else "fp32") for n in kernel.arg_names if n.endswith("_ptr")}
-                compiled = compile_kernel(kernel, pointers, dict(DOT_PRECISION=dot_precision(dtype), **flags),
-                                          divisible, target, cfg.num_warps, cfg.num_stages)
-                records.append(_record(name, compiled, dtype=data, config=cfg.__dict__))
+            for ksize in (1, 3):
+                kernels = {
+                    "_conv_dgrad_kernel": (bw._conv_dgrad_kernel, ("g_ptr", "gy_ptr", "w_ptr", "g2_ptr", "w2_ptr", "v_ptr", "out_ptr"),
+                                           dict(STRIDE=2, STRIDE2=2, PROLOGUE=True, SECOND=ksize == 1, BLOCK_M=cfg.block_m,
+                                                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
+                                           ("M", "C_in", "C_out", "cin_pg", "cout_pg", "K2")),
+                    "_conv_wgrad_kernel": (bw._conv_wgrad_kernel, ("g_ptr", "gy_ptr", "v_ptr"),
+                                           dict(STRIDE=2, PROLOGUE=True, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+                                                BLOCK_C=cfg.block_n),
+                                           ("M", "C_out", "C_in", "cin_pg", "cout_pg", "rows_per_split")),
+                }
+                for name, (kernel, data_ptrs, flags, divisible) in kernels.items():
+                    pointers = {n: (data if n in data_ptrs else "fp32") for n in kernel.arg_names if n.endswith("_ptr")}
+                    constexprs = dict(KSIZE=ksize, DOT_PRECISION=dot_precision(dtype), **flags)
+                    compiled = compile_kernel(kernel, pointers, constexprs, divisible, target,
+                                              cfg.num_warps, cfg.num_stages)
+                    records.append(_record(name, compiled, ksize=ksize, dtype=data, config=cfg.__dict__))
     return records
 
 

@@ -13,11 +13,13 @@ The projection shortcut reads a1, so its input gradient is added to conv1's BEFO
 and sums; identity and subsample gradients are added after bn1's backward apply, in the pass that
 writes dx.
 
-The bottleneck's 1x1 convs run fused Triton GEMMs (``conv1x1_backward.py``): the activation
+Every conv's dgrad and wgrad are fused Triton GEMMs (``conv_backward.py``): the activation
 recompute and the BN backward apply in the operand prologues, the ReLU mask and BN sums in the
-dgrad epilogue, the projection's dgrad as a second K-loop. The 3x3 convs (and the basic block)
-run dgrad and wgrad through ATen (cuDNN on a GPU) on the recomputed activation, with the BN/ReLU
-backward in Triton kernels around them, the hybrid DESIGN section 7 argues for at the 3x3.
+dgrad epilogue, the projection's dgrad as a second K-loop. The 3x3 follows the forward's strategy
+(``configs.conv3x3_strategy``): ``fused`` runs those kernels at the 3x3 too (strided, grouped);
+``hybrid`` materialises the activation and dy once and runs ATen's (cuDNN's) dgrad and wgrad on
+them, with the BN/ReLU backward in Triton kernels around them (DESIGN section 7: a per-tap
+prologue repeats its loads and math nine times).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from . import configs
 from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_sums
-from .conv1x1_backward import GradPrologue, conv1x1_dgrad, conv1x1_wgrad
+from .conv_backward import GradPrologue, conv_dgrad, conv_wgrad
 from .elementwise import bn_relu_apply
 
 __all__ = ["SavedNorm", "bottleneck_backward", "basic_block_backward"]
@@ -77,6 +79,64 @@ def _shortcut_grad(kind: str, grad_out: Tensor) -> Optional[Tensor]:
     return grad_out if kind in ("identity", "subsample") else None
 
 
+@dataclass
+class _Projection:
+    """A 1x1 projection shortcut reading the same activation as the conv it is paired with."""
+
+    grad: Tensor      # the block-output gradient
+    weight: Tensor
+    stride: int
+
+
+def _fused_3x3(grad: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
+    n, c_out, h_out, w_out = grad.shape
+    return configs.conv3x3_strategy(n * h_out * w_out, c_out // groups, weight.shape[1] * 9,
+                                     grad.dtype, grad.device) == "fused"
+
+
+def _bn_relu_conv_backward(
+    grad: Tensor, weight: Tensor, v: Tensor, norm: SavedNorm, *, stride: int, groups: int = 1,
+    prologue: Optional[GradPrologue] = None, projection: Optional[_Projection] = None,
+):
+    """Backward through conv(relu(norm(v))) given its output gradient ``grad`` (the BN backward
+    ``prologue`` of the norm after the conv still to apply): (g' masked at ``norm``'s ReLU,
+    ``norm``'s backward coefficients, dW, the projection's dW).
+
+    1x1 convs, and 3x3 under the ``fused`` strategy: Triton dgrad and wgrad with every
+    elementwise step in their prologues and epilogue. ``hybrid`` 3x3: dy and the activation
+    materialised once, ATen's dgrad and wgrad on them.
+    """
+    cfg = configs.backward_config(grad.dtype, grad.device)
+    meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ksize = weight.shape[-1]
+    if ksize == 1 or _fused_3x3(grad, weight, stride, groups):
+        second = dict(second_grad=projection.grad, second_weight=projection.weight,
+                      second_stride=projection.stride) if projection is not None else {}
+        g_masked, part = conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
+                                    stride=stride, groups=groups, prologue=prologue, **second,
+                                    **cfg.dgrad_meta(), **meta)
+        d_w = conv_wgrad(grad, v, norm.scale, norm.shift, ksize=ksize, stride=stride, groups=groups,
+                         prologue=prologue, **cfg.wgrad_meta(), **meta)
+        d_wp = None
+        if projection is not None:
+            d_wp = conv_wgrad(projection.grad, v, norm.scale, norm.shift, stride=projection.stride,
+                              **cfg.wgrad_meta(), **meta)
+        return g_masked, _coefficients(part, v, norm), d_w, d_wp
+    dy = bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
+    act = bn_relu_apply(v, norm.scale, norm.shift)
+    d_act, d_w = _conv_backward(dy, act, weight, stride, groups)
+    del dy
+    d_act_proj, d_wp = (_conv_backward(projection.grad, act, projection.weight, projection.stride, 1)
+                        if projection is not None else (None, None))
+    del act
+    g_masked, coeff = _norm_backward(d_act, v, norm, extra=d_act_proj)
+    return g_masked, coeff, d_w, d_wp
+
+
+def _grad_prologue(y: Tensor, coeff) -> GradPrologue:
+    return GradPrologue(y, coeff.a, coeff.b, coeff.c)
+
+
 def bottleneck_backward(
     grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor,
     w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor], norms: Sequence[SavedNorm],
@@ -84,41 +144,20 @@ def bottleneck_backward(
 ) -> dict[str, Optional[Tensor]]:
     """Gradients of the bottleneck: x, w1, w2, w3, w_proj, bn_weight{i}, bn_bias{i}.
 
-    The 1x1 convs run the fused GEMMs of ``conv1x1_backward`` (no activation or dy materialised:
-    recompute in the operand prologues, mask and sums in the dgrad epilogue, the projection's
-    dgrad as conv1's second K-loop); the 3x3 runs through ATen on the recomputed a2.
+    No activation and no dy of a 1x1 is materialised: recompute in the operand prologues, mask
+    and sums in the dgrad epilogues, the projection's dgrad as conv1's second K-loop.
     """
     s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
     n1, n2, n3 = norms
-    cfg = configs.backward_config(x.dtype, x.device)
-    meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     g = grad_out.contiguous(memory_format=torch.channels_last)
-
-    # conv3 (1x1): g3' = (g W3^T) * mask(bn3(y2)), sums -> bn3; dW3 = relu(bn3(y2))^T g
-    g3, part3 = conv1x1_dgrad(g, w3, y2, n3.scale, n3.shift, n3.mean, n3.invstd, **cfg.dgrad_meta(), **meta)
-    d_w3 = conv1x1_wgrad(g, y2, n3.scale, n3.shift, **cfg.wgrad_meta(), **meta)
-    d_wp = None
-    if shortcut == "projection":
-        d_wp = conv1x1_wgrad(g, x, n1.scale, n1.shift, stride=stride, **cfg.wgrad_meta(), **meta)
-    c3 = _coefficients(part3, y2, n3)
-
-    # conv2 (3x3, strided, grouped): dy2 = A3 g3' + B3 y2 + C3 materialised for ATen
-    dy2 = bn_backward_apply(g3, y2, c3)
+    g3, c3, d_w3, _ = _bn_relu_conv_backward(g, w3, y2, n3, stride=1)
+    g2, c2, d_w2, _ = _bn_relu_conv_backward(g3, w2, y1, n2, stride=s2, groups=groups,
+                                             prologue=_grad_prologue(y2, c3))
     del g3
-    a2 = bn_relu_apply(y1, n2.scale, n2.shift)
-    d_a2, d_w2 = _conv_backward(dy2, a2, w2, s2, groups)
-    del a2, dy2
-    g2, c2 = _norm_backward(d_a2, y1, n2)
-    del d_a2
-
-    # conv1 (1x1) with the projection's dgrad in the same accumulator, before bn1's mask
-    dy1 = GradPrologue(y1, c2.a, c2.b, c2.c)
-    proj = dict(second_grad=g, second_weight=w_proj, second_stride=stride) if shortcut == "projection" else {}
-    g1, part1 = conv1x1_dgrad(g2, w1, x, n1.scale, n1.shift, n1.mean, n1.invstd, stride=s1, prologue=dy1,
-                              **proj, **cfg.dgrad_meta(), **meta)
-    d_w1 = conv1x1_wgrad(g2, x, n1.scale, n1.shift, stride=s1, prologue=dy1, **cfg.wgrad_meta(), **meta)
+    proj = _Projection(g, w_proj, stride) if shortcut == "projection" else None
+    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(g2, w1, x, n1, stride=s1, prologue=_grad_prologue(y1, c2),
+                                                projection=proj)
     del g2
-    c1 = _coefficients(part1, x, n1)
     dx = bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
     return dict(x=dx, w1=d_w1, w2=d_w2, w3=d_w3, w_proj=d_wp,
                 bn_weight0=c1.dgamma, bn_weight1=c2.dgamma, bn_weight2=c3.dgamma,
@@ -132,17 +171,11 @@ def basic_block_backward(
     """Gradients of the basic block: x, w1, w2, w_proj, bn_weight{i}, bn_bias{i}."""
     n1, n2 = norms
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    a2 = bn_relu_apply(y1, n2.scale, n2.shift)
-    d_a2, d_w2 = _conv_backward(g, a2, w2, 1, groups)
-    del a2
-    a1 = bn_relu_apply(x, n1.scale, n1.shift)
-    d_a1_proj, d_wp = _conv_backward(g, a1, w_proj, stride, 1) if shortcut == "projection" else (None, None)
-    g2, c2 = _norm_backward(d_a2, y1, n2)
-    dy1 = bn_backward_apply(g2, y1, c2)
-    del g2, d_a2
-    d_a1, d_w1 = _conv_backward(dy1, a1, w1, stride, groups)
-    del a1, dy1
-    g1, c1 = _norm_backward(d_a1, x, n1, extra=d_a1_proj)
+    g2, c2, d_w2, _ = _bn_relu_conv_backward(g, w2, y1, n2, stride=1, groups=groups)
+    proj = _Projection(g, w_proj, stride) if shortcut == "projection" else None
+    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(g2, w1, x, n1, stride=stride, groups=groups,
+                                                prologue=_grad_prologue(y1, c2), projection=proj)
+    del g2
     dx = bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
     return dict(x=dx, w1=d_w1, w2=d_w2, w_proj=d_wp,
                 bn_weight0=c1.dgamma, bn_weight1=c2.dgamma, bn_bias0=c1.dbeta, bn_bias1=c2.dbeta)

@@ -11,6 +11,7 @@ and cross-tile statistics merges all run at tiny shapes.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -19,11 +20,13 @@ import torch
 from .conv import ConvConfig
 
 __all__ = ["BackwardConfig", "backward_config", "BACKWARD_GPU_CONFIGS", "StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
-           "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES"]
+           "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES", "STRATEGY_ENV"]
 
 #: How a 3x3 conv with a BN+ReLU prologue runs: ``fused`` (one implicit-GEMM kernel, the
 #: prologue per tap) or ``hybrid`` (a BN+ReLU pass, cuDNN's conv, a statistics pass).
 STRATEGIES = ("fused", "hybrid")
+#: The environment variable that overrides the 3x3 strategy for a whole process.
+STRATEGY_ENV = "RESNET_FUSED_3X3_STRATEGY"
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,17 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
     On a GPU the hybrid is the default: in DESIGN section 7's H100 probe (bf16, batch 256) it
     took 273 / 241 / 180 us at conv2_x / conv3_x / conv4_x against 529 / 285 / 180 for the
     fused per-tap prologue. The fused kernel is what the interpreter runs (no cuDNN there to
-    compare with), and either can be forced for tests and benchmarks.
+    compare with). The backward's 3x3 dgrad/wgrad follow the same choice. Either can be forced:
+    ``forced_configs(strategy=...)`` in code, or the environment variable
+    ``RESNET_FUSED_3X3_STRATEGY=fused|hybrid`` for a whole run (the benchmarks record it).
     """
     if "strategy" in _forced:
         return _forced["strategy"]  # type: ignore[return-value]
+    chosen = os.environ.get(STRATEGY_ENV, "").strip()
+    if chosen:
+        if chosen not in STRATEGIES:
+            raise ValueError(f"{STRATEGY_ENV} must be one of {STRATEGIES}, got {chosen!r}")
+        return chosen
     return "hybrid" if device.type == "cuda" else "fused"
 
 
