@@ -4,7 +4,12 @@ One op per block type, one autograd registration per op, dispatching by backend 
 
 * ``triton``: the fused kernels (``resnet_fused/triton``) for a CUDA tensor, or for a CPU tensor
   when TRITON_INTERPRET=1 (the interpreter); the reference for a CPU tensor otherwise.
+* ``cuda``: the CUDA C++ kernels of ``resnet_fused._C`` (``resnet_fused/cuda``); for a CPU tensor
+  their host implementation, which runs the same tile code (slow; it is how CPU-only CI checks
+  them).
 * ``reference``: eager PyTorch (the same computation; used by opcheck and as the fallback).
+
+Both fused backends run one orchestration (``resnet_fused/fused``) over their kernel sets.
 
 Outputs, in order: the block output (channels_last), the conv outputs the backward needs
 (y1, y2 for the bottleneck, y1 for the basic block; empty when eval-mode BN is folded, which
@@ -14,7 +19,7 @@ never write the running statistics; the module updates those from the returned s
 
 Saved for backward, by name: the block input, y1 (, y2), parameters and per-channel statistics;
 never an activation (those are recomputed), so a block saves half the activation bytes eager
-does. The Triton backward is ``triton/backward.py``; the CPU fallback re-runs the reference.
+does. The fused backward is ``fused/backward.py``; the CPU fallback re-runs the reference.
 """
 from __future__ import annotations
 
@@ -25,13 +30,14 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..triton import backward as triton_backward
-from ..triton import blocks as triton_blocks
+from ..fused import backward as fused_backward
+from ..fused import forward as fused_forward
+from ..fused.kernel_set import KernelSet
 from ._saved import load_saved, save_named
 
-__all__ = ["bottleneck_forward", "basic_block_forward", "runs_triton"]
+__all__ = ["bottleneck_forward", "basic_block_forward", "runs_fused", "runs_triton"]
 
-_OP_BACKENDS = ("reference", "triton")
+_OP_BACKENDS = ("reference", "triton", "cuda")
 
 
 def runs_triton(x: Tensor, backend: str) -> bool:
@@ -39,6 +45,22 @@ def runs_triton(x: Tensor, backend: str) -> bool:
     if backend != "triton":
         return False
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def runs_fused(x: Tensor, backend: str) -> bool:
+    """Whether a fused backend's kernels run for ``x``: Triton as ``runs_triton`` says; the CUDA
+    extension always (its host implementation for a CPU tensor)."""
+    return backend == "cuda" or runs_triton(x, backend)
+
+
+def _kernel_set(backend: str) -> KernelSet:
+    if backend == "cuda":
+        from ..cuda.kernel_set import CUDA
+
+        return CUDA
+    from ..triton.kernel_set import TRITON
+
+    return TRITON
 
 
 def _check_backend(backend: str) -> None:
@@ -51,8 +73,8 @@ def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
     return fold_eval and not any(training)
 
 
-def _norm_inputs(weights, biases, means, vars_, training, eps) -> list[triton_blocks.NormInputs]:
-    return [triton_blocks.NormInputs(w, b, m, v, t, e)
+def _norm_inputs(weights, biases, means, vars_, training, eps) -> list[fused_forward.NormInputs]:
+    return [fused_forward.NormInputs(w, b, m, v, t, e)
             for w, b, m, v, t, e in zip(weights, biases, means, vars_, training, eps)]
 
 
@@ -115,8 +137,8 @@ def _saved_lists(ctx, saved: dict) -> tuple[list, list, list, list]:
             [saved[f"mean{i}"] for i in n], [saved[f"var{i}"] for i in n])
 
 
-def _backward_norms(weights, biases, means, vars_, training, eps) -> list[triton_backward.SavedNorm]:
-    return [triton_backward.SavedNorm(w, b, m, v, e, t)
+def _backward_norms(weights, biases, means, vars_, training, eps) -> list[fused_backward.SavedNorm]:
+    return [fused_backward.SavedNorm(w, b, m, v, e, t)
             for w, b, m, v, t, e in zip(weights, biases, means, vars_, training, eps)]
 
 
@@ -194,10 +216,10 @@ def bottleneck_forward(
 ) -> List[Tensor]:
     """[out, y1, y2, mean1, var1, mean2, var2, mean3, var3] of a pre-activation bottleneck."""
     _check_backend(backend)
-    if runs_triton(x, backend):
+    if runs_fused(x, backend):
         norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps)
-        out, convs, affines = triton_blocks.bottleneck_forward(
-            x, w1, w2, w3, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut,
+        out, convs, affines = fused_forward.bottleneck_forward(
+            _kernel_set(backend), x, w1, w2, w3, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut,
             stride_on=stride_on, fold_eval=fold_eval)
         return _outputs(out, convs, 2, [(a.mean, a.var) for a in affines])
     bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps)
@@ -234,28 +256,29 @@ def bottleneck_backward(
     grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
     w_proj: Optional[Tensor], bn_weights: List[Tensor], bn_biases: List[Tensor],
     means: List[Tensor], vars: List[Tensor], training: List[bool], eps: List[float],
-    stride: int, groups: int, shortcut: str, stride_on: str,
+    stride: int, groups: int, shortcut: str, stride_on: str, backend: str,
 ) -> List[Tensor]:
     """[dx, dw1, dw2, dw3, dw_proj (empty without projection), dgamma x3, dbeta x3]."""
-    g = triton_backward.bottleneck_backward(
-        grad_out, x, y1, y2, w1, w2, w3, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
+    g = fused_backward.bottleneck_backward(
+        _kernel_set(backend), grad_out, x, y1, y2, w1, w2, w3, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
         stride=stride, groups=groups, shortcut=shortcut, stride_on=stride_on)
     return _grad_list(g, ("x", "w1", "w2", "w3", "w_proj"), 3, x)
 
 
 @bottleneck_backward.register_fake
 def _(grad_out, x, y1, y2, w1, w2, w3, w_proj, bn_weights, bn_biases, means, vars, training, eps,
-      stride, groups, shortcut, stride_on):
+      stride, groups, shortcut, stride_on, backend):
     return _fake_grads((x, w1, w2, w3, w_proj), bn_weights, bn_biases)
 
 
 def _bottleneck_backward(ctx, grads):
     _check_no_double_backward()
     saved = load_saved(ctx)
-    if runs_triton(saved["x"], ctx.backend):
+    if runs_fused(saved["x"], ctx.backend):
         out = torch.ops.resnet_fused.bottleneck_backward(
             grads[0], saved["x"], saved["y1"], saved["y2"], saved["w1"], saved["w2"], saved["w3"],
-            saved.get("w_proj"), *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config)
+            saved.get("w_proj"), *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config,
+            backend=ctx.backend)
         g = _grad_dict(out, ("x", "w1", "w2", "w3", "w_proj"), 3)
     else:
         def run(t, bn, modes):
@@ -287,10 +310,10 @@ def basic_block_forward(
 ) -> List[Tensor]:
     """[out, y1, mean1, var1, mean2, var2] of a pre-activation basic block."""
     _check_backend(backend)
-    if runs_triton(x, backend):
+    if runs_fused(x, backend):
         norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps)
-        out, convs, affines = triton_blocks.basic_block_forward(
-            x, w1, w2, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut, fold_eval=fold_eval)
+        out, convs, affines = fused_forward.basic_block_forward(
+            _kernel_set(backend), x, w1, w2, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut, fold_eval=fold_eval)
         return _outputs(out, convs, 1, [(a.mean, a.var) for a in affines])
     bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps)
     record: dict = {}
@@ -320,28 +343,28 @@ def _basic_setup_context(ctx, inputs, output):
 def basic_block_backward(
     grad_out: Tensor, x: Tensor, y1: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor], means: List[Tensor], vars: List[Tensor],
-    training: List[bool], eps: List[float], stride: int, groups: int, shortcut: str,
+    training: List[bool], eps: List[float], stride: int, groups: int, shortcut: str, backend: str,
 ) -> List[Tensor]:
     """[dx, dw1, dw2, dw_proj (empty without projection), dgamma x2, dbeta x2]."""
-    g = triton_backward.basic_block_backward(
-        grad_out, x, y1, w1, w2, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
+    g = fused_backward.basic_block_backward(
+        _kernel_set(backend), grad_out, x, y1, w1, w2, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
         stride=stride, groups=groups, shortcut=shortcut)
     return _grad_list(g, ("x", "w1", "w2", "w_proj"), 2, x)
 
 
 @basic_block_backward.register_fake
 def _(grad_out, x, y1, w1, w2, w_proj, bn_weights, bn_biases, means, vars, training, eps,
-      stride, groups, shortcut):
+      stride, groups, shortcut, backend):
     return _fake_grads((x, w1, w2, w_proj), bn_weights, bn_biases)
 
 
 def _basic_backward(ctx, grads):
     _check_no_double_backward()
     saved = load_saved(ctx)
-    if runs_triton(saved["x"], ctx.backend):
+    if runs_fused(saved["x"], ctx.backend):
         out = torch.ops.resnet_fused.basic_block_backward(
             grads[0], saved["x"], saved["y1"], saved["w1"], saved["w2"], saved.get("w_proj"),
-            *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config)
+            *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config, backend=ctx.backend)
         g = _grad_dict(out, ("x", "w1", "w2", "w_proj"), 2)
     else:
         def run(t, bn, modes):

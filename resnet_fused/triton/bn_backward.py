@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..fused.kernel_set import BNBackward
 from .launch import launch
 
 __all__ = ["relu_grad_sums", "bn_backward_coefficients", "bn_backward_apply", "BNBackward"]
@@ -162,13 +163,6 @@ def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: 
            grad, extra if extra is not None else grad, v, scale, shift, mean, invstd, out, part, m, c,
            HAS_EXTRA=extra is not None, BLOCK_M=block_m, BLOCK_C=block_c)
     return out, part
-
-
-class BNBackward:
-    """dgamma, dbeta and the coefficients of dv = A g' + B v + C (fp32, per channel)."""
-
-    def __init__(self, dgamma: Tensor, dbeta: Tensor, a: Tensor, b: Tensor, c: Tensor):
-        self.dgamma, self.dbeta, self.a, self.b, self.c = dgamma, dbeta, a, b, c
 
 
 def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,

@@ -27,13 +27,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION
 from .launch import launch
 from .stats import _store_tile_stats, new_partials
 
 __all__ = ["_dot", "_zero_acc", "ConvConfig", "SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "bn_relu_conv",
            "pack_weight", "dot_precision"]
 
-SHORTCUT_NONE, SHORTCUT_ADD, SHORTCUT_PROJECTION = 0, 1, 2
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..fused.kernel_set import GradPrologue
 from .bn_backward import _relu_mask_store_sums
 from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch
@@ -167,13 +168,6 @@ def _conv_wgrad_kernel(
         acc = _dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, DOT_PRECISION)
     offs = ((split * TAPS + tap) * C_out + ks[:, None]).to(tl.int64) * cin_pg + cs_local[None, :]
     tl.store(part_ptr + offs, acc, mask=k_valid[:, None] & c_valid[None, :])
-
-
-class GradPrologue:
-    """The BN-backward apply on a gradient operand: dy = a * g' + b * y + c (per channel)."""
-
-    def __init__(self, y: Tensor, a: Tensor, b: Tensor, c: Tensor):
-        self.y, self.a, self.b, self.c = y.contiguous(memory_format=torch.channels_last), a, b, c
 
 
 def _nhwc(t: Tensor) -> Tensor:

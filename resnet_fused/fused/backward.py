@@ -13,13 +13,13 @@ The projection shortcut reads a1, so its input gradient is added to conv1's BEFO
 and sums; identity and subsample gradients are added after bn1's backward apply, in the pass that
 writes dx.
 
-Every conv's dgrad and wgrad are fused Triton GEMMs (``conv_backward.py``): the activation
-recompute and the BN backward apply in the operand prologues, the ReLU mask and BN sums in the
-dgrad epilogue, the projection's dgrad as a second K-loop. The 3x3 follows the forward's strategy
-(``configs.conv3x3_strategy``): ``fused`` runs those kernels at the 3x3 too (strided, grouped);
-``hybrid`` materialises the activation and dy once and runs ATen's (cuDNN's) dgrad and wgrad on
-them, with the BN/ReLU backward in Triton kernels around them (DESIGN section 7: a per-tap
-prologue repeats its loads and math nine times).
+Every conv's dgrad and wgrad are the kernel set's fused GEMMs: the activation recompute and the
+BN backward apply in the operand prologues, the ReLU mask and BN sums in the dgrad epilogue, the
+projection's dgrad as a second K-loop. The 3x3 follows the forward's choice (``fuse_3x3``):
+fused, those kernels at the 3x3 too (strided, grouped); else the hybrid, which materialises the
+activation and dy once and runs ATen's (cuDNN's) dgrad and wgrad on them, with the kernel set's
+BN/ReLU backward around them (DESIGN section 7: a per-tap prologue repeats its loads and math
+nine times).
 """
 from __future__ import annotations
 
@@ -29,10 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import configs
-from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_sums
-from .conv_backward import GradPrologue, conv_dgrad, conv_wgrad
-from .elementwise import bn_relu_apply
+from .kernel_set import GradPrologue, KernelSet
 
 __all__ = ["SavedNorm", "bottleneck_backward", "basic_block_backward"]
 
@@ -63,16 +60,10 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, group
     return grad_input, grad_weight
 
 
-def _coefficients(part: Tensor, v: Tensor, norm: SavedNorm):
+def _coefficients(kernels: KernelSet, part: Tensor, v: Tensor, norm: SavedNorm):
     """dgamma, dbeta and the apply coefficients of the norm whose input was ``v``."""
     count = v.numel() // v.shape[1]
-    return bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
-
-
-def _norm_backward(grad_act: Tensor, v: Tensor, norm: SavedNorm, extra: Optional[Tensor] = None):
-    """ReLU mask, BN sums and coefficients for the norm whose input was ``v``."""
-    g_masked, part = relu_grad_sums(grad_act, v, norm.scale, norm.shift, norm.mean, norm.invstd, extra)
-    return g_masked, _coefficients(part, v, norm)
+    return kernels.bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
 
 
 def _shortcut_grad(kind: str, grad_out: Tensor) -> Optional[Tensor]:
@@ -88,49 +79,43 @@ class _Projection:
     stride: int
 
 
-def _fused_3x3(grad: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
-    n, c_out, h_out, w_out = grad.shape
-    return configs.conv3x3_strategy(n * h_out * w_out, c_out // groups, weight.shape[1] * 9,
-                                     grad.dtype, grad.device) == "fused"
-
-
 def _bn_relu_conv_backward(
-    grad: Tensor, weight: Tensor, v: Tensor, norm: SavedNorm, *, stride: int, groups: int = 1,
-    prologue: Optional[GradPrologue] = None, projection: Optional[_Projection] = None,
+    kernels: KernelSet, grad: Tensor, weight: Tensor, v: Tensor, norm: SavedNorm, *, stride: int,
+    groups: int = 1, prologue: Optional[GradPrologue] = None, projection: Optional[_Projection] = None,
 ):
     """Backward through conv(relu(norm(v))) given its output gradient ``grad`` (the BN backward
     ``prologue`` of the norm after the conv still to apply): (g' masked at ``norm``'s ReLU,
     ``norm``'s backward coefficients, dW, the projection's dW).
 
-    1x1 convs, and 3x3 under the ``fused`` strategy: Triton dgrad and wgrad with every
-    elementwise step in their prologues and epilogue. ``hybrid`` 3x3: dy and the activation
-    materialised once, ATen's dgrad and wgrad on them.
+    1x1 convs, and fused 3x3s: the kernel set's dgrad and wgrad with every elementwise step in
+    their prologues and epilogue. Hybrid 3x3: dy and the activation materialised once, ATen's
+    dgrad and wgrad on them.
     """
-    cfg = configs.backward_config(grad.dtype, grad.device)
-    meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     ksize = weight.shape[-1]
-    if ksize == 1 or _fused_3x3(grad, weight, stride, groups):
+    n, c_out, h_out, w_out = grad.shape
+    if ksize == 1 or kernels.fuse_3x3(n * h_out * w_out, c_out // groups, weight.shape[1] * 9,
+                                      grad.dtype, grad.device):
         second = dict(second_grad=projection.grad, second_weight=projection.weight,
                       second_stride=projection.stride) if projection is not None else {}
-        g_masked, part = conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
-                                    stride=stride, groups=groups, prologue=prologue, **second,
-                                    **cfg.dgrad_meta(), **meta)
-        d_w = conv_wgrad(grad, v, norm.scale, norm.shift, ksize=ksize, stride=stride, groups=groups,
-                         prologue=prologue, **cfg.wgrad_meta(), **meta)
+        g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
+                                            stride=stride, groups=groups, prologue=prologue, **second)
+        d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=ksize, stride=stride, groups=groups,
+                                 prologue=prologue)
         d_wp = None
         if projection is not None:
-            d_wp = conv_wgrad(projection.grad, v, norm.scale, norm.shift, stride=projection.stride,
-                              **cfg.wgrad_meta(), **meta)
-        return g_masked, _coefficients(part, v, norm), d_w, d_wp
-    dy = bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
-    act = bn_relu_apply(v, norm.scale, norm.shift)
+            d_wp = kernels.conv_wgrad(projection.grad, v, norm.scale, norm.shift, ksize=1,
+                                      stride=projection.stride, groups=1, prologue=None)
+        return g_masked, _coefficients(kernels, part, v, norm), d_w, d_wp
+    dy = kernels.bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
+    act = kernels.bn_relu_apply(v, norm.scale, norm.shift)
     d_act, d_w = _conv_backward(dy, act, weight, stride, groups)
     del dy
     d_act_proj, d_wp = (_conv_backward(projection.grad, act, projection.weight, projection.stride, 1)
                         if projection is not None else (None, None))
     del act
-    g_masked, coeff = _norm_backward(d_act, v, norm, extra=d_act_proj)
-    return g_masked, coeff, d_w, d_wp
+    g_masked, part = kernels.relu_grad_sums(d_act, v, norm.scale, norm.shift, norm.mean, norm.invstd,
+                                            d_act_proj)
+    return g_masked, _coefficients(kernels, part, v, norm), d_w, d_wp
 
 
 def _grad_prologue(y: Tensor, coeff) -> GradPrologue:
@@ -138,7 +123,7 @@ def _grad_prologue(y: Tensor, coeff) -> GradPrologue:
 
 
 def bottleneck_backward(
-    grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor,
+    kernels: KernelSet, grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor,
     w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor], norms: Sequence[SavedNorm],
     *, stride: int, groups: int, shortcut: str, stride_on: str,
 ) -> dict[str, Optional[Tensor]]:
@@ -150,32 +135,32 @@ def bottleneck_backward(
     s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
     n1, n2, n3 = norms
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    g3, c3, d_w3, _ = _bn_relu_conv_backward(g, w3, y2, n3, stride=1)
-    g2, c2, d_w2, _ = _bn_relu_conv_backward(g3, w2, y1, n2, stride=s2, groups=groups,
+    g3, c3, d_w3, _ = _bn_relu_conv_backward(kernels, g, w3, y2, n3, stride=1)
+    g2, c2, d_w2, _ = _bn_relu_conv_backward(kernels, g3, w2, y1, n2, stride=s2, groups=groups,
                                              prologue=_grad_prologue(y2, c3))
     del g3
     proj = _Projection(g, w_proj, stride) if shortcut == "projection" else None
-    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(g2, w1, x, n1, stride=s1, prologue=_grad_prologue(y1, c2),
+    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(kernels, g2, w1, x, n1, stride=s1, prologue=_grad_prologue(y1, c2),
                                                 projection=proj)
     del g2
-    dx = bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
+    dx = kernels.bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
     return dict(x=dx, w1=d_w1, w2=d_w2, w3=d_w3, w_proj=d_wp,
                 bn_weight0=c1.dgamma, bn_weight1=c2.dgamma, bn_weight2=c3.dgamma,
                 bn_bias0=c1.dbeta, bn_bias1=c2.dbeta, bn_bias2=c3.dbeta)
 
 
 def basic_block_backward(
-    grad_out: Tensor, x: Tensor, y1: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
+    kernels: KernelSet, grad_out: Tensor, x: Tensor, y1: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[SavedNorm], *, stride: int, groups: int, shortcut: str,
 ) -> dict[str, Optional[Tensor]]:
     """Gradients of the basic block: x, w1, w2, w_proj, bn_weight{i}, bn_bias{i}."""
     n1, n2 = norms
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    g2, c2, d_w2, _ = _bn_relu_conv_backward(g, w2, y1, n2, stride=1, groups=groups)
+    g2, c2, d_w2, _ = _bn_relu_conv_backward(kernels, g, w2, y1, n2, stride=1, groups=groups)
     proj = _Projection(g, w_proj, stride) if shortcut == "projection" else None
-    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(g2, w1, x, n1, stride=stride, groups=groups,
+    g1, c1, d_w1, d_wp = _bn_relu_conv_backward(kernels, g2, w1, x, n1, stride=stride, groups=groups,
                                                 prologue=_grad_prologue(y1, c2), projection=proj)
     del g2
-    dx = bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
+    dx = kernels.bn_backward_apply(g1, x, c1, _shortcut_grad(shortcut, g), stride)
     return dict(x=dx, w1=d_w1, w2=d_w2, w_proj=d_wp,
                 bn_weight0=c1.dgamma, bn_weight1=c2.dgamma, bn_bias0=c1.dbeta, bn_bias1=c2.dbeta)

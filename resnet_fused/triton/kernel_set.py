@@ -1,0 +1,68 @@
+"""The Triton backend's kernel set (``resnet_fused.fused.kernel_set.KernelSet``): the Triton
+launchers with this backend's launch-configuration choice (``configs.py``) applied."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..fused.kernel_set import BNBackward
+from . import configs
+from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_sums
+from .conv import bn_relu_conv
+from .conv_backward import conv_dgrad, conv_wgrad
+from .elementwise import bn_relu_apply
+from .stats import bn_finalize, channel_stats_partials
+
+__all__ = ["TRITON", "TritonKernels"]
+
+
+class TritonKernels:
+    name = "triton"
+
+    def stats_partials(self, x: Tensor) -> Tensor:
+        cfg = configs.stats_config(x.device)
+        return channel_stats_partials(x, cfg.block_m, cfg.block_c)
+
+    def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+        cfg = configs.stats_config(part.device)
+        return bn_finalize(part, weight, bias, eps, block_p=cfg.block_p, block_c=cfg.block_c)
+
+    def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+        n, _, h, w = x.shape
+        c_out, cin_pg, k, _ = weight.shape
+        stride = kwargs.get("stride", 1)
+        m = n * ((h + 2 * (k // 2) - k) // stride + 1) * ((w + 2 * (k // 2) - k) // stride + 1)
+        config = configs.conv_config(m, c_out // kwargs.get("groups", 1), cin_pg * k * k, k, x.dtype, x.device)
+        return bn_relu_conv(x, weight, config=config, **kwargs)
+
+    def fuse_3x3(self, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return configs.conv3x3_strategy(m, n, k, dtype, device) == "fused"
+
+    def bn_relu_apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        return bn_relu_apply(x, scale, shift)
+
+    def _backward_meta(self, t: Tensor) -> tuple[configs.BackwardConfig, dict]:
+        cfg = configs.backward_config(t.dtype, t.device)
+        return cfg, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def conv_dgrad(self, grad, weight, v, scale, shift, mean, invstd, **kwargs):
+        cfg, meta = self._backward_meta(grad)
+        return conv_dgrad(grad, weight, v, scale, shift, mean, invstd, **kwargs, **cfg.dgrad_meta(), **meta)
+
+    def conv_wgrad(self, grad, v, scale, shift, **kwargs):
+        cfg, meta = self._backward_meta(grad)
+        return conv_wgrad(grad, v, scale, shift, **kwargs, **cfg.wgrad_meta(), **meta)
+
+    def relu_grad_sums(self, grad, v, scale, shift, mean, invstd, extra=None):
+        return relu_grad_sums(grad, v, scale, shift, mean, invstd, extra)
+
+    def bn_backward_coefficients(self, part, weight, mean, invstd, count, training) -> BNBackward:
+        return bn_backward_coefficients(part, weight, mean, invstd, count, training)
+
+    def bn_backward_apply(self, g, v, coeff, shortcut_grad=None, shortcut_stride=1):
+        return bn_backward_apply(g, v, coeff, shortcut_grad, shortcut_stride)
+
+
+TRITON = TritonKernels()
