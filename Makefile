@@ -20,7 +20,7 @@ $(VENV)/.deps-installed: requirements-dev.txt
 
 # The extension is rebuilt when its sources or the build script change.
 build: $(VENV)/.built
-$(VENV)/.built: $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
+$(VENV)/.built: $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 

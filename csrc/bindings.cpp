@@ -15,9 +15,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
 
+#include "cuda/bn_elementwise.h"
 #include "cuda/bn_stats.h"
+#include "cuda/conv_fused.h"
 
 namespace resnet_fused {
 namespace {
@@ -106,6 +110,542 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu_impl(const at::Tensor& x) {
   return {mean, var};
 }
 
+
+// ---- fused convolution GEMMs (csrc/cuda/conv_fused.h) ---------------------------------------
+//
+// Shared rules of the three ops: activations are 4-D logical NCHW tensors in any memory format
+// (copied to channels_last when they are not already), outputs are channels_last; weights are in
+// PyTorch's (C_out, C_in/groups, k, k) layout; data tensors share one floating dtype; per-channel
+// vectors may be float32 or float64 and are used in the accumulation type (float64 for float64
+// data, float32 otherwise); everything lives on one device.
+
+using OptTensor = std::optional<at::Tensor>;
+
+ConvDtype to_conv_dtype(const char* op, const char* name, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return ConvDtype::kFloat32;
+    case at::kHalf:
+      return ConvDtype::kFloat16;
+    case at::kBFloat16:
+      return ConvDtype::kBFloat16;
+    case at::kDouble:
+      return ConvDtype::kFloat64;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
+  return ConvDtype::kFloat32;
+}
+
+at::ScalarType acc_dtype_of(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Checks a 4-D activation against the reference tensor's dtype and device; returns it in
+// channels_last memory.
+at::Tensor activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got a ", t.dim(),
+              "-D tensor of shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but the other data tensors have ", ref.scalar_type(), "; all must have one dtype");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the other tensors are on ",
+              ref.device(), "; all must be on one device");
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Checks a weight (C_out, C_in/groups, k, k) (or (C_out, C_in) for a 1x1, when allow_2d);
+// returns it contiguous in that layout.
+at::Tensor weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& ref, bool allow_2d) {
+  TORCH_CHECK(w.dim() == 4 || (allow_2d && w.dim() == 2), op, ": ", name,
+              " must be a 4-D weight (C_out, C_in/groups, k, k)", allow_2d ? " or 2-D (C_out, C_in)" : "",
+              ", got a ", w.dim(), "-D tensor of shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", w.scalar_type(),
+              " but the data tensors have ", ref.scalar_type(), "; all must have one dtype");
+  TORCH_CHECK(w.device() == ref.device(), op, ": ", name, " is on ", w.device(), " but the other tensors are on ",
+              ref.device(), "; all must be on one device");
+  return w.contiguous();
+}
+
+// Checks a per-channel vector of `channels` values (float32 or float64); returns it contiguous
+// in the accumulation type of `ref`'s dtype.
+at::Tensor channel_vector(const char* op, const char* name, const at::Tensor& t, int64_t channels,
+                          const at::Tensor& ref) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be a 1-D tensor of ", channels,
+              " values (one per channel), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 (per-channel statistics are kept in fp32 whatever the data "
+              "dtype), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the data is on ",
+              ref.device(), "; all must be on one device");
+  return t.to(acc_dtype_of(ref.scalar_type())).contiguous();
+}
+
+// Both tensors of an optional pair (scale/shift), or neither.
+void check_pair(const char* op, const char* a_name, const OptTensor& a, const char* b_name, const OptTensor& b) {
+  TORCH_CHECK(a.has_value() == b.has_value(), op, ": pass both ", a_name, " and ", b_name, " or neither");
+}
+
+void check_conv_geometry(const char* op, int64_t stride, int64_t groups, int64_t ksize, int64_t c_in,
+                         int64_t c_out) {
+  TORCH_CHECK(ksize == 1 || ksize == 3, op, ": only 1x1 and 3x3 kernels are supported, got ksize ", ksize);
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(c_in % groups == 0 && c_out % groups == 0, op, ": groups=", groups,
+              " must divide both the input channels (", c_in, ") and the output channels (", c_out, ")");
+}
+
+at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tensor& like) {
+  return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+template <typename T>
+const void* ptr_or_null(const std::optional<T>& t) {
+  return t.has_value() ? t->const_data_ptr() : nullptr;
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// The BN-backward prologue dy = a*g + b*y + c on a gradient operand: all four or none.
+struct GradPrologueTensors {
+  OptTensor y, a, b, c;
+};
+
+GradPrologueTensors grad_prologue(const char* op, const at::Tensor& grad, const OptTensor& y, const OptTensor& a,
+                                  const OptTensor& b, const OptTensor& c) {
+  GradPrologueTensors out;
+  const bool any = y.has_value() || a.has_value() || b.has_value() || c.has_value();
+  if (!any) return out;
+  TORCH_CHECK(y.has_value() && a.has_value() && b.has_value() && c.has_value(), op,
+              ": the gradient prologue dy = pro_a*grad + pro_b*pro_y + pro_c needs all of pro_y, pro_a, pro_b "
+              "and pro_c (or none of them)");
+  TORCH_CHECK(y->sizes() == grad.sizes(), op, ": pro_y must have grad's shape ", grad.sizes(), ", got ",
+              y->sizes());
+  out.y = activation(op, "pro_y", *y, grad);
+  const int64_t k = grad.size(1);
+  out.a = channel_vector(op, "pro_a", *a, k, grad);
+  out.b = channel_vector(op, "pro_b", *b, k, grad);
+  out.c = channel_vector(op, "pro_c", *c, k, grad);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor& x_in, const at::Tensor& w_in,
+                                                 const OptTensor& scale, const OptTensor& shift, int64_t stride,
+                                                 int64_t groups, const OptTensor& shortcut, int64_t shortcut_kind,
+                                                 int64_t shortcut_stride, const OptTensor& proj_w,
+                                                 const OptTensor& proj_scale, const OptTensor& proj_shift,
+                                                 bool emit_stats, const OptTensor& post_scale,
+                                                 const OptTensor& post_shift) {
+  const char* op = "resnet_fused.conv_fwd";
+  const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
+  const at::Tensor x = activation(op, "x", x_in, x_in);
+  const at::Tensor w = weight(op, "w", w_in, x_in, false);
+  const int64_t N = x.size(0), C_in = x.size(1), H_in = x.size(2), W_in = x.size(3);
+  const int64_t C_out = w.size(0), ksize = w.size(2);
+  TORCH_CHECK(w.size(2) == w.size(3), op, ": the kernel must be square, got w of shape ", w.sizes());
+  check_conv_geometry(op, stride, groups, ksize, C_in, C_out);
+  TORCH_CHECK(w.size(1) * groups == C_in, op, ": w of shape ", w.sizes(), " with groups=", groups, " expects ",
+              w.size(1) * groups, " input channels, but x has ", C_in);
+  const int64_t H_out = conv_out_size(H_in, static_cast<int>(ksize), static_cast<int>(stride));
+  const int64_t W_out = conv_out_size(W_in, static_cast<int>(ksize), static_cast<int>(stride));
+  TORCH_CHECK(H_out >= 1 && W_out >= 1, op, ": the output would be empty for input ", x.sizes());
+
+  check_pair(op, "scale", scale, "shift", shift);
+  check_pair(op, "proj_scale", proj_scale, "proj_shift", proj_shift);
+  check_pair(op, "post_scale", post_scale, "post_shift", post_shift);
+  OptTensor sc, s_scale, s_shift, p_scale, p_shift, pw, post_s, post_b;
+  if (scale) {
+    s_scale = channel_vector(op, "scale", *scale, C_in, x_in);
+    s_shift = channel_vector(op, "shift", *shift, C_in, x_in);
+  }
+  if (post_scale) {
+    post_s = channel_vector(op, "post_scale", *post_scale, C_out, x_in);
+    post_b = channel_vector(op, "post_shift", *post_shift, C_out, x_in);
+  }
+  TORCH_CHECK(shortcut_kind >= 0 && shortcut_kind <= 2, op,
+              ": shortcut_kind must be 0 (none), 1 (add) or 2 (projection), got ", shortcut_kind);
+  TORCH_CHECK(shortcut_kind != 0 || !shortcut.has_value(), op,
+              ": a shortcut tensor was given with shortcut_kind=0 (none); pass 1 (add) or 2 (projection)");
+  TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale), op,
+              ": proj_w / proj_scale / proj_shift are only used with shortcut_kind=2 (projection)");
+  int64_t H_sc = 1, W_sc = 1, C_sc = 0;
+  if (shortcut_kind != 0) {
+    TORCH_CHECK(shortcut.has_value(), op, ": shortcut_kind=", shortcut_kind, " needs a shortcut tensor");
+    TORCH_CHECK(shortcut_stride >= 1, op, ": shortcut_stride must be >= 1, got ", shortcut_stride);
+    sc = activation(op, "shortcut", *shortcut, x_in);
+    H_sc = sc->size(2);
+    W_sc = sc->size(3);
+    C_sc = sc->size(1);
+    TORCH_CHECK(sc->size(0) == N && ceil_div64(H_sc, shortcut_stride) == H_out &&
+                    ceil_div64(W_sc, shortcut_stride) == W_out,
+                op, ": shortcut of shape ", sc->sizes(), " subsampled by shortcut_stride=", shortcut_stride,
+                " must match the output's batch and spatial size (", N, ", ", H_out, ", ", W_out, ")");
+    if (shortcut_kind == 1) {
+      TORCH_CHECK(C_sc == C_out, op, ": an added shortcut needs ", C_out, " channels (the output's), got ",
+                  C_sc);
+    } else {
+      TORCH_CHECK(proj_w.has_value(), op, ": shortcut_kind=2 (projection) needs proj_w");
+      pw = weight(op, "proj_w", *proj_w, x_in, true);
+      TORCH_CHECK(pw->size(0) == C_out && pw->size(1) == C_sc && (pw->dim() == 2 || (pw->size(2) == 1 && pw->size(3) == 1)),
+                  op, ": proj_w must be (", C_out, ", ", C_sc, ", 1, 1) for ", C_out,
+                  " output channels and a shortcut of ", C_sc, " channels, got ", pw->sizes());
+      if (proj_scale) {
+        p_scale = channel_vector(op, "proj_scale", *proj_scale, C_sc, x_in);
+        p_shift = channel_vector(op, "proj_shift", *proj_shift, C_sc, x_in);
+      }
+    }
+  }
+
+  const int64_t M = N * H_out * W_out;
+  at::Tensor out = empty_nhwc(N, C_out, H_out, W_out, x);
+  const auto acc_options = x.options().dtype(acc_dtype_of(x.scalar_type()));
+  at::Tensor partials = emit_stats ? at::empty({3, conv_tiles_m(M), C_out}, acc_options)
+                                   : at::empty({0}, acc_options);
+
+  ConvFwdParams p{};
+  p.x = x.const_data_ptr();
+  p.scale = ptr_or_null(s_scale);
+  p.shift = ptr_or_null(s_shift);
+  p.w = w.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.N = N;
+  p.H_in = H_in;
+  p.W_in = W_in;
+  p.C_in = C_in;
+  p.H_out = H_out;
+  p.W_out = W_out;
+  p.C_out = C_out;
+  p.ksize = static_cast<int>(ksize);
+  p.stride = static_cast<int>(stride);
+  p.groups = static_cast<int>(groups);
+  p.shortcut_kind = static_cast<int>(shortcut_kind);
+  p.shortcut_stride = static_cast<int>(shortcut_stride);
+  p.shortcut = ptr_or_null(sc);
+  p.H_sc = H_sc;
+  p.W_sc = W_sc;
+  p.C_sc = C_sc;
+  p.proj_w = ptr_or_null(pw);
+  p.proj_scale = ptr_or_null(p_scale);
+  p.proj_shift = ptr_or_null(p_shift);
+  p.partials = emit_stats ? partials.mutable_data_ptr() : nullptr;
+  p.post_scale = ptr_or_null(post_s);
+  p.post_shift = ptr_or_null(post_b);
+
+  if (on_cuda) {
+    TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
+    const c10::cuda::CUDAGuard device_guard(x.device());
+    check_launch(op, conv_fwd_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  } else {
+    conv_fwd_host(p, dtype);
+  }
+  return {out, partials};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& w_in,
+                                                   const at::Tensor& v_in, const at::Tensor& scale,
+                                                   const at::Tensor& shift, const at::Tensor& mean,
+                                                   const at::Tensor& invstd, int64_t stride, int64_t groups,
+                                                   const OptTensor& pro_y, const OptTensor& pro_a,
+                                                   const OptTensor& pro_b, const OptTensor& pro_c,
+                                                   const OptTensor& second_grad, const OptTensor& second_w,
+                                                   int64_t second_stride) {
+  const char* op = "resnet_fused.conv_dgrad";
+  const ConvDtype dtype = to_conv_dtype(op, "grad", grad_in.scalar_type());
+  const at::Tensor grad = activation(op, "grad", grad_in, grad_in);
+  const at::Tensor v = activation(op, "v", v_in, grad_in);
+  const at::Tensor w = weight(op, "w", w_in, grad_in, false);
+  const int64_t N = v.size(0), C_in = v.size(1), H = v.size(2), W = v.size(3);
+  const int64_t C_out = w.size(0), ksize = w.size(2);
+  TORCH_CHECK(w.size(2) == w.size(3), op, ": the kernel must be square, got w of shape ", w.sizes());
+  check_conv_geometry(op, stride, groups, ksize, C_in, C_out);
+  TORCH_CHECK(w.size(1) * groups == C_in, op, ": w of shape ", w.sizes(), " with groups=", groups, " expects ",
+              w.size(1) * groups, " input channels, but v has ", C_in);
+  const int64_t H_out = conv_out_size(H, static_cast<int>(ksize), static_cast<int>(stride));
+  const int64_t W_out = conv_out_size(W, static_cast<int>(ksize), static_cast<int>(stride));
+  TORCH_CHECK(grad.size(0) == N && grad.size(1) == C_out && grad.size(2) == H_out && grad.size(3) == W_out, op,
+              ": grad must be the conv output's gradient, shape (", N, ", ", C_out, ", ", H_out, ", ", W_out,
+              ") for an input v of shape ", v.sizes(), ", ksize ", ksize, " and stride ", stride, "; got ",
+              grad.sizes());
+  const at::Tensor scale_a = channel_vector(op, "scale", scale, C_in, grad_in);
+  const at::Tensor shift_a = channel_vector(op, "shift", shift, C_in, grad_in);
+  const at::Tensor mean_a = channel_vector(op, "mean", mean, C_in, grad_in);
+  const at::Tensor invstd_a = channel_vector(op, "invstd", invstd, C_in, grad_in);
+  const GradPrologueTensors pro = grad_prologue(op, grad, pro_y, pro_a, pro_b, pro_c);
+
+  TORCH_CHECK(second_grad.has_value() == second_w.has_value(), op,
+              ": pass both second_grad and second_w (the projection's dgrad) or neither");
+  OptTensor g2, w2;
+  int64_t K2 = 0, H2 = 1, W2 = 1;
+  if (second_grad) {
+    TORCH_CHECK(second_stride >= 1, op, ": second_stride must be >= 1, got ", second_stride);
+    g2 = activation(op, "second_grad", *second_grad, grad_in);
+    K2 = g2->size(1);
+    H2 = g2->size(2);
+    W2 = g2->size(3);
+    TORCH_CHECK(g2->size(0) == N && H2 == ceil_div64(H, second_stride) && W2 == ceil_div64(W, second_stride), op,
+                ": second_grad of shape ", g2->sizes(), " must be the gradient of a 1x1 conv with stride ",
+                second_stride, " over v of shape ", v.sizes());
+    w2 = weight(op, "second_w", *second_w, grad_in, true);
+    TORCH_CHECK(w2->size(0) == K2 && w2->size(1) == C_in && (w2->dim() == 2 || (w2->size(2) == 1 && w2->size(3) == 1)),
+                op, ": second_w must be (", K2, ", ", C_in, ", 1, 1), got ", w2->sizes());
+  }
+
+  const int64_t M = N * H * W;
+  at::Tensor out = empty_nhwc(N, C_in, H, W, grad);
+  at::Tensor sums = at::empty({2, conv_tiles_m(M), C_in}, grad.options().dtype(acc_dtype_of(grad.scalar_type())));
+
+  ConvDgradParams p{};
+  p.g = grad.const_data_ptr();
+  p.pro_y = ptr_or_null(pro.y);
+  p.pro_a = ptr_or_null(pro.a);
+  p.pro_b = ptr_or_null(pro.b);
+  p.pro_c = ptr_or_null(pro.c);
+  p.w = w.const_data_ptr();
+  p.second_grad = ptr_or_null(g2);
+  p.second_w = ptr_or_null(w2);
+  p.K2 = K2;
+  p.H2 = H2;
+  p.W2 = W2;
+  p.second_stride = static_cast<int>(second_stride);
+  p.v = v.const_data_ptr();
+  p.scale = scale_a.const_data_ptr();
+  p.shift = shift_a.const_data_ptr();
+  p.mean = mean_a.const_data_ptr();
+  p.invstd = invstd_a.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.sums = sums.mutable_data_ptr();
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.C_in = C_in;
+  p.H_out = H_out;
+  p.W_out = W_out;
+  p.C_out = C_out;
+  p.ksize = static_cast<int>(ksize);
+  p.stride = static_cast<int>(stride);
+  p.groups = static_cast<int>(groups);
+
+  if (on_cuda) {
+    TORCH_CHECK(grad.is_cuda(), op, ": the CUDA kernel got a tensor on ", grad.device());
+    const c10::cuda::CUDAGuard device_guard(grad.device());
+    check_launch(op, conv_dgrad_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream()));
+  } else {
+    conv_dgrad_host(p, dtype);
+  }
+  return {out, sums};
+}
+
+at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& v_in, const at::Tensor& scale,
+                           const at::Tensor& shift, int64_t ksize, int64_t stride, int64_t groups,
+                           const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
+                           const OptTensor& pro_c, int64_t splits) {
+  const char* op = "resnet_fused.conv_wgrad";
+  const ConvDtype dtype = to_conv_dtype(op, "grad", grad_in.scalar_type());
+  const at::Tensor grad = activation(op, "grad", grad_in, grad_in);
+  const at::Tensor v = activation(op, "v", v_in, grad_in);
+  const int64_t N = v.size(0), C_in = v.size(1), H = v.size(2), W = v.size(3);
+  const int64_t C_out = grad.size(1);
+  check_conv_geometry(op, stride, groups, ksize, C_in, C_out);
+  const int64_t H_out = conv_out_size(H, static_cast<int>(ksize), static_cast<int>(stride));
+  const int64_t W_out = conv_out_size(W, static_cast<int>(ksize), static_cast<int>(stride));
+  TORCH_CHECK(grad.size(0) == N && grad.size(2) == H_out && grad.size(3) == W_out, op,
+              ": grad of shape ", grad.sizes(), " is not the output gradient of a ", ksize, "x", ksize,
+              " conv with stride ", stride, " over v of shape ", v.sizes(), " (expected N=", N, ", H_out=", H_out,
+              ", W_out=", W_out, ")");
+  TORCH_CHECK(splits >= 0, op, ": splits must be >= 0 (0 picks a value), got ", splits);
+  const at::Tensor scale_a = channel_vector(op, "scale", scale, C_in, grad_in);
+  const at::Tensor shift_a = channel_vector(op, "shift", shift, C_in, grad_in);
+  const GradPrologueTensors pro = grad_prologue(op, grad, pro_y, pro_a, pro_b, pro_c);
+
+  const int64_t M = N * H_out * W_out;
+  const ConvWgradPlan plan = conv_wgrad_plan(M, splits);
+  const int64_t cin_pg = C_in / groups;
+  at::Tensor dw = at::empty({C_out, cin_pg, ksize, ksize}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor workspace = at::empty({plan.splits, C_out, cin_pg, ksize * ksize},
+                                   grad.options().dtype(acc_dtype_of(grad.scalar_type())));
+
+  ConvWgradParams p{};
+  p.g = grad.const_data_ptr();
+  p.pro_y = ptr_or_null(pro.y);
+  p.pro_a = ptr_or_null(pro.a);
+  p.pro_b = ptr_or_null(pro.b);
+  p.pro_c = ptr_or_null(pro.c);
+  p.v = v.const_data_ptr();
+  p.scale = scale_a.const_data_ptr();
+  p.shift = shift_a.const_data_ptr();
+  p.workspace = workspace.mutable_data_ptr();
+  p.dw = dw.mutable_data_ptr();
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.C_in = C_in;
+  p.H_out = H_out;
+  p.W_out = W_out;
+  p.C_out = C_out;
+  p.ksize = static_cast<int>(ksize);
+  p.stride = static_cast<int>(stride);
+  p.groups = static_cast<int>(groups);
+  p.rows_per_split = plan.rows_per_split;
+  p.splits = plan.splits;
+
+  if (on_cuda) {
+    TORCH_CHECK(grad.is_cuda(), op, ": the CUDA kernel got a tensor on ", grad.device());
+    const c10::cuda::CUDAGuard device_guard(grad.device());
+    check_launch(op, conv_wgrad_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream()));
+  } else {
+    conv_wgrad_host(p, dtype);
+  }
+  return dw;
+}
+
+// The dispatcher wants one function per (op, key): thin wrappers selecting the path.
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at::Tensor& w, const OptTensor& scale,
+                                                  const OptTensor& shift, int64_t stride, int64_t groups,
+                                                  const OptTensor& shortcut, int64_t shortcut_kind,
+                                                  int64_t shortcut_stride, const OptTensor& proj_w,
+                                                  const OptTensor& proj_scale, const OptTensor& proj_shift,
+                                                  bool emit_stats, const OptTensor& post_scale,
+                                                  const OptTensor& post_shift) {
+  return conv_fwd_impl(kCuda, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift);
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> conv_dgrad_entry(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& v,
+                                                    const at::Tensor& scale, const at::Tensor& shift,
+                                                    const at::Tensor& mean, const at::Tensor& invstd, int64_t stride,
+                                                    int64_t groups, const OptTensor& pro_y, const OptTensor& pro_a,
+                                                    const OptTensor& pro_b, const OptTensor& pro_c,
+                                                    const OptTensor& second_grad, const OptTensor& second_w,
+                                                    int64_t second_stride) {
+  return conv_dgrad_impl(kCuda, grad, w, v, scale, shift, mean, invstd, stride, groups, pro_y, pro_a, pro_b, pro_c,
+                         second_grad, second_w, second_stride);
+}
+
+template <bool kCuda>
+at::Tensor conv_wgrad_entry(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& scale,
+                            const at::Tensor& shift, int64_t ksize, int64_t stride, int64_t groups,
+                            const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
+                            const OptTensor& pro_c, int64_t splits) {
+  return conv_wgrad_impl(kCuda, grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c, splits);
+}
+
+
+// ---- elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.h) ---------------------------------
+
+// Runs `launch_cuda(stream)` under a device guard on t's device, or `run_host()`.
+template <class Cuda, class Host>
+void run_on(const char* op, bool on_cuda, const at::Tensor& t, Cuda launch_cuda, Host run_host) {
+  if (on_cuda) {
+    TORCH_CHECK(t.is_cuda(), op, ": the CUDA kernel got a tensor on ", t.device());
+    const c10::cuda::CUDAGuard device_guard(t.device());
+    check_launch(op, launch_cuda(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()));
+  } else {
+    run_host();
+  }
+}
+
+template <bool kCuda>
+at::Tensor bn_relu_apply_entry(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift) {
+  const char* op = "resnet_fused.bn_relu_apply";
+  const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
+  const at::Tensor x = activation(op, "x", x_in, x_in);
+  const int64_t C = x.size(1);
+  const at::Tensor s = channel_vector(op, "scale", scale, C, x_in);
+  const at::Tensor b = channel_vector(op, "shift", shift, C, x_in);
+  at::Tensor out = empty_nhwc(x.size(0), C, x.size(2), x.size(3), x);
+  BnReluApplyParams p{x.const_data_ptr(), s.const_data_ptr(), b.const_data_ptr(), out.mutable_data_ptr(),
+                      x.size(0) * x.size(2) * x.size(3), C};
+  run_on(op, kCuda, x, [&](cudaStream_t st) { return bn_relu_apply_cuda(p, dtype, st); },
+         [&] { bn_relu_apply_host(p, dtype); });
+  return out;
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> relu_grad_sums_entry(const at::Tensor& grad_in, const OptTensor& extra,
+                                                        const at::Tensor& v_in, const at::Tensor& scale,
+                                                        const at::Tensor& shift, const at::Tensor& mean,
+                                                        const at::Tensor& invstd) {
+  const char* op = "resnet_fused.relu_grad_sums";
+  const ConvDtype dtype = to_conv_dtype(op, "grad", grad_in.scalar_type());
+  const at::Tensor grad = activation(op, "grad", grad_in, grad_in);
+  const at::Tensor v = activation(op, "v", v_in, grad_in);
+  TORCH_CHECK(grad.sizes() == v.sizes(), op, ": grad and v must have one shape, got ", grad.sizes(), " and ",
+              v.sizes());
+  OptTensor e;
+  if (extra) {
+    e = activation(op, "extra", *extra, grad_in);
+    TORCH_CHECK(e->sizes() == v.sizes(), op, ": extra must have v's shape ", v.sizes(), ", got ", e->sizes());
+  }
+  const int64_t C = v.size(1), M = v.size(0) * v.size(2) * v.size(3);
+  const at::Tensor s = channel_vector(op, "scale", scale, C, grad_in);
+  const at::Tensor b = channel_vector(op, "shift", shift, C, grad_in);
+  const at::Tensor mu = channel_vector(op, "mean", mean, C, grad_in);
+  const at::Tensor is = channel_vector(op, "invstd", invstd, C, grad_in);
+  at::Tensor out = empty_nhwc(v.size(0), C, v.size(2), v.size(3), grad);
+  at::Tensor sums = at::empty({2, conv_tiles_m(M), C}, grad.options().dtype(acc_dtype_of(grad.scalar_type())));
+  ReluGradSumsParams p{grad.const_data_ptr(), ptr_or_null(e), v.const_data_ptr(), s.const_data_ptr(),
+                       b.const_data_ptr(), mu.const_data_ptr(), is.const_data_ptr(), out.mutable_data_ptr(),
+                       sums.mutable_data_ptr(), M, C};
+  run_on(op, kCuda, grad, [&](cudaStream_t st) { return relu_grad_sums_cuda(p, dtype, st); },
+         [&] { relu_grad_sums_host(p, dtype); });
+  return {out, sums};
+}
+
+template <bool kCuda>
+at::Tensor bn_backward_apply_entry(const at::Tensor& g_in, const at::Tensor& v_in, const at::Tensor& a,
+                                   const at::Tensor& b, const at::Tensor& c, const OptTensor& shortcut_grad,
+                                   int64_t shortcut_stride) {
+  const char* op = "resnet_fused.bn_backward_apply";
+  const ConvDtype dtype = to_conv_dtype(op, "v", v_in.scalar_type());
+  const at::Tensor v = activation(op, "v", v_in, v_in);
+  const at::Tensor g = activation(op, "g", g_in, v_in);
+  TORCH_CHECK(g.sizes() == v.sizes(), op, ": g and v must have one shape, got ", g.sizes(), " and ", v.sizes());
+  const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
+  const at::Tensor a_ = channel_vector(op, "a", a, C, v_in);
+  const at::Tensor b_ = channel_vector(op, "b", b, C, v_in);
+  const at::Tensor c_ = channel_vector(op, "c", c, C, v_in);
+  OptTensor sc;
+  int64_t H_sc = 1, W_sc = 1;
+  if (shortcut_grad) {
+    TORCH_CHECK(shortcut_stride >= 1, op, ": shortcut_stride must be >= 1, got ", shortcut_stride);
+    sc = activation(op, "shortcut_grad", *shortcut_grad, v_in);
+    H_sc = sc->size(2);
+    W_sc = sc->size(3);
+    TORCH_CHECK(sc->size(0) == N && sc->size(1) == C && H_sc == ceil_div64(H, shortcut_stride) &&
+                    W_sc == ceil_div64(W, shortcut_stride),
+                op, ": shortcut_grad of shape ", sc->sizes(), " must be (", N, ", ", C, ", ",
+                ceil_div64(H, shortcut_stride), ", ", ceil_div64(W, shortcut_stride), "): v subsampled by ",
+                "shortcut_stride=", shortcut_stride);
+  }
+  at::Tensor out = empty_nhwc(N, C, H, W, v);
+  BnBackwardApplyParams p{g.const_data_ptr(), v.const_data_ptr(), a_.const_data_ptr(), b_.const_data_ptr(),
+                          c_.const_data_ptr(), ptr_or_null(sc), out.mutable_data_ptr(), N, H, W, C, H_sc, W_sc,
+                          static_cast<int>(shortcut_stride)};
+  run_on(op, kCuda, v, [&](cudaStream_t st) { return bn_backward_apply_cuda(p, dtype, st); },
+         [&] { bn_backward_apply_host(p, dtype); });
+  return out;
+}
+
+template <bool kCuda>
+at::Tensor stats_partials_entry(const at::Tensor& x_in) {
+  const char* op = "resnet_fused.stats_partials";
+  const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
+  const at::Tensor x = activation(op, "x", x_in, x_in);
+  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  at::Tensor partials = at::empty({3, conv_tiles_m(M), C}, x.options().dtype(acc_dtype_of(x.scalar_type())));
+  StatsPartialsParams p{x.const_data_ptr(), partials.mutable_data_ptr(), M, C};
+  run_on(op, kCuda, x, [&](cudaStream_t st) { return stats_partials_cuda(p, dtype, st); },
+         [&] { stats_partials_host(p, dtype); });
+  return partials;
+}
+
 }  // namespace
 }  // namespace resnet_fused
 
@@ -118,16 +658,53 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   // that registers it (resnet_fused._extension, on first load()).
   m.set_python_module("resnet_fused._extension");
   m.def("bn_stats_cuda(Tensor x) -> (Tensor mean, Tensor var)");
+  // Fused convolution GEMMs (csrc/cuda/conv_fused.h). Activations NCHW-logical, any memory
+  // format in, channels_last out; weights (C_out, C_in/groups, k, k); vectors fp32/fp64.
+  m.def(
+      "conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, int groups, "
+      "Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, Tensor? proj_scale, "
+      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift) "
+      "-> (Tensor out, Tensor partials)");
+  m.def(
+      "conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, Tensor mean, "
+      "Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "
+      "Tensor? second_grad, Tensor? second_w, int second_stride) -> (Tensor g_masked, Tensor sums)");
+  m.def(
+      "conv_wgrad_cuda(Tensor grad, Tensor v, Tensor scale, Tensor shift, int ksize, int stride, int groups, "
+      "Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, int splits=0) -> Tensor");
+  // Elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.h), same tile and partial layouts.
+  m.def("bn_relu_apply_cuda(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "relu_grad_sums_cuda(Tensor grad, Tensor? extra, Tensor v, Tensor scale, Tensor shift, Tensor mean, "
+      "Tensor invstd) -> (Tensor g_masked, Tensor sums)");
+  m.def(
+      "bn_backward_apply_cuda(Tensor g, Tensor v, Tensor a, Tensor b, Tensor c, Tensor? shortcut_grad, "
+      "int shortcut_stride) -> Tensor");
+  m.def("stats_partials_cuda(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bn_stats_cuda", &resnet_fused::bn_stats_cuda_impl);
+  m.impl("conv_fwd_cuda", &resnet_fused::conv_fwd_entry<true>);
+  m.impl("conv_dgrad_cuda", &resnet_fused::conv_dgrad_entry<true>);
+  m.impl("conv_wgrad_cuda", &resnet_fused::conv_wgrad_entry<true>);
+  m.impl("bn_relu_apply_cuda", &resnet_fused::bn_relu_apply_entry<true>);
+  m.impl("relu_grad_sums_cuda", &resnet_fused::relu_grad_sums_entry<true>);
+  m.impl("bn_backward_apply_cuda", &resnet_fused::bn_backward_apply_entry<true>);
+  m.impl("stats_partials_cuda", &resnet_fused::stats_partials_entry<true>);
 }
 
 // The host version of the same algorithm: lets CPU-only CI check the
 // chunking and merge math the GPU runs.
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_stats_cuda", &resnet_fused::bn_stats_cpu_impl);
+  m.impl("conv_fwd_cuda", &resnet_fused::conv_fwd_entry<false>);
+  m.impl("conv_dgrad_cuda", &resnet_fused::conv_dgrad_entry<false>);
+  m.impl("conv_wgrad_cuda", &resnet_fused::conv_wgrad_entry<false>);
+  m.impl("bn_relu_apply_cuda", &resnet_fused::bn_relu_apply_entry<false>);
+  m.impl("relu_grad_sums_cuda", &resnet_fused::relu_grad_sums_entry<false>);
+  m.impl("bn_backward_apply_cuda", &resnet_fused::bn_backward_apply_entry<false>);
+  m.impl("stats_partials_cuda", &resnet_fused::stats_partials_entry<false>);
 }
 
 // A plain Python extension module with no functions: importing

@@ -25,6 +25,15 @@ _BUILD_HINT = (
     "(CUDA_HOME must point at the toolkit if it is not in /usr/local/cuda)."
 )
 
+# Every op resnet_fused._C defines (csrc/bindings.cpp); each has a fake impl below.
+CPP_OPS = ("bn_stats_cuda", "conv_fwd_cuda", "conv_dgrad_cuda", "conv_wgrad_cuda", "bn_relu_apply_cuda",
+           "relu_grad_sums_cuda", "bn_backward_apply_cuda", "stats_partials_cuda")
+
+# Rows of one M tile of the C++ conv GEMMs (kConvTileM in csrc/cuda/conv_fused.h): the statistics
+# partials of conv_fwd_cuda and the sums of conv_dgrad_cuda have ceil(M / CONV_TILE_M) rows.
+# Mirrored here for the fake impls; opcheck compares fake and real shapes, so a mismatch fails.
+CONV_TILE_M = 64
+
 _lock = threading.Lock()
 _attempted = False
 _module: ModuleType | None = None
@@ -89,8 +98,9 @@ def _register_fakes() -> None:
     """
     import torch
 
-    if not hasattr(torch.ops.resnet_fused, "bn_stats_cuda"):
-        raise RuntimeError("torch.ops.resnet_fused.bn_stats_cuda is missing: the build is stale, rebuild it")
+    for name in CPP_OPS:
+        if not hasattr(torch.ops.resnet_fused, name):
+            raise RuntimeError(f"torch.ops.resnet_fused.{name} is missing: the build is stale, rebuild it")
 
     @torch.library.register_fake("resnet_fused::bn_stats_cuda")
     def _bn_stats_cuda_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +109,67 @@ def _register_fakes() -> None:
         return (x.new_empty((channels,), dtype=torch.float32),
                 x.new_empty((channels,), dtype=torch.float32))
 
+
+    def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+        # Statistics and partial sums: fp64 for fp64 data, fp32 otherwise (csrc/cuda/conv_fused.h).
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _out_size(size, ksize: int, stride: int):
+        return (size + 2 * (ksize // 2) - ksize) // stride + 1
+
+    def _nhwc_empty(shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("resnet_fused::conv_fwd_cuda")
+    def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
+                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift):
+        torch._check(x.dim() == 4 and w.dim() == 4,
+                     lambda: "resnet_fused.conv_fwd: x and w must be 4-D")
+        n, _, h, wd = x.shape
+        c_out, ksize = w.shape[0], w.shape[2]
+        h_out, w_out = _out_size(h, ksize, stride), _out_size(wd, ksize, stride)
+        out = _nhwc_empty((n, c_out, h_out, w_out), x)
+        acc = _acc_dtype(x.dtype)
+        if emit_stats:
+            tiles = (n * h_out * w_out + CONV_TILE_M - 1) // CONV_TILE_M
+            partials = x.new_empty((3, tiles, c_out), dtype=acc)
+        else:
+            partials = x.new_empty((0,), dtype=acc)
+        return out, partials
+
+    @torch.library.register_fake("resnet_fused::conv_dgrad_cuda")
+    def _conv_dgrad_cuda_fake(grad, w, v, scale, shift, mean, invstd, stride, groups, pro_y, pro_a, pro_b, pro_c,
+                              second_grad, second_w, second_stride):
+        torch._check(grad.dim() == 4 and v.dim() == 4,
+                     lambda: "resnet_fused.conv_dgrad: grad and v must be 4-D")
+        n, c_in, h, wd = v.shape
+        out = _nhwc_empty((n, c_in, h, wd), grad)
+        tiles = (n * h * wd + CONV_TILE_M - 1) // CONV_TILE_M
+        return out, grad.new_empty((2, tiles, c_in), dtype=_acc_dtype(grad.dtype))
+
+    @torch.library.register_fake("resnet_fused::conv_wgrad_cuda")
+    def _conv_wgrad_cuda_fake(grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c,
+                              splits=0):
+        torch._check(grad.dim() == 4 and v.dim() == 4,
+                     lambda: "resnet_fused.conv_wgrad: grad and v must be 4-D")
+        return grad.new_empty((grad.shape[1], v.shape[1] // groups, ksize, ksize))
+
+    @torch.library.register_fake("resnet_fused::bn_relu_apply_cuda")
+    def _bn_relu_apply_cuda_fake(x, scale, shift):
+        return _nhwc_empty(x.shape, x)
+
+    def _tiles(t: torch.Tensor):
+        n, _, h, wd = t.shape
+        return (n * h * wd + CONV_TILE_M - 1) // CONV_TILE_M
+
+    @torch.library.register_fake("resnet_fused::relu_grad_sums_cuda")
+    def _relu_grad_sums_cuda_fake(grad, extra, v, scale, shift, mean, invstd):
+        return _nhwc_empty(v.shape, grad), grad.new_empty((2, _tiles(v), v.shape[1]), dtype=_acc_dtype(grad.dtype))
+
+    @torch.library.register_fake("resnet_fused::bn_backward_apply_cuda")
+    def _bn_backward_apply_cuda_fake(g, v, a, b, c, shortcut_grad, shortcut_stride):
+        return _nhwc_empty(v.shape, v)
+
+    @torch.library.register_fake("resnet_fused::stats_partials_cuda")
+    def _stats_partials_cuda_fake(x):
+        return x.new_empty((3, _tiles(x), x.shape[1]), dtype=_acc_dtype(x.dtype))

@@ -106,6 +106,19 @@ def test_op_schema_and_kernels(bn_stats):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::bn_stats_cuda", key), key
 
 
+def test_every_cpp_op_has_cpu_and_cuda_kernels_and_a_fake(bn_stats):
+    # CPP_OPS lists what csrc/bindings.cpp defines; each needs both dispatch keys (the CPU one is
+    # the host implementation CI tests) and a fake impl (meta tensors, torch.compile).
+    from torch._library.simple_registry import singleton
+
+    for name in _extension.CPP_OPS:
+        qualname = f"resnet_fused::{name}"
+        assert hasattr(torch.ops.resnet_fused, name), name
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (name, key)
+        assert singleton.find(qualname).fake_impl.kernel is not None, f"{name} has no fake impl"
+
+
 def test_python_ops_share_the_namespace(bn_stats):
     # The C++ side registers with TORCH_LIBRARY_FRAGMENT, so Python custom_ops can be added to
     # the same namespace (a second TORCH_LIBRARY would abort the process). Run in a subprocess

@@ -1,0 +1,340 @@
+// The thread-block GEMM engine shared by conv_fwd.cu, conv_dgrad.cu and conv_wgrad.cu.
+//
+// A "problem" (one per kernel) says what its tiles are: how a block index maps to an output tile
+// (`block`), a per-block setup phase (`setup`, e.g. decoding the tile's rows once), how many K
+// steps there are (`num_steps`), how one K step fills the shared A [kConvTileM x kConvTileK] and
+// B [kConvTileK x kConvTileN] tiles with the prologue applied (`load`), and two epilogue phases
+// over the fp32/fp64 accumulator tile staged in shared memory (`epilogue_elementwise`: all
+// threads, one element each in turn; `epilogue_columns`: one thread per column, for the
+// per-tile statistics). Every phase is a __host__ __device__ function of
+// (block, thread index, shared storage, arguments).
+//
+// conv_gemm_kernel runs the phases on the GPU with __syncthreads() between them.
+// run_blocks_host runs them on the CPU for every block, looping over all 256 thread indices of a
+// phase before starting the next one, with TileSmem as an ordinary host object: the same code,
+// the same predicates, the same partial layouts, so CPU tests exercise what the GPU runs. Only
+// the multiply step differs: fp16/bf16 use tensor cores (WMMA fragments on the shared tiles) on
+// the device, everything else (and the host) a plain per-thread 4x4 register tile.
+//
+// Correctness first; tuning ideas, in the order they are expected to pay (DESIGN section 7):
+//   * double-buffer the A/B tiles with cp.async (or TMA) so loads overlap the MMAs;
+//   * for 3x3, stage the activated halo tile once in shared memory and run the 9 taps from it
+//     (the prologue then runs once per element instead of nine times);
+//   * pack the weights K-major once per step (they are indexed in PyTorch's layout now, which
+//     makes the B loads strided), use ldmatrix + mma.sync or wgmma with 128x128 tiles;
+//   * statistics epilogue: a warp-shuffle tree instead of one thread per column.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "conv_fused.h"
+
+#if defined(__CUDACC__)
+#define RF_HD __host__ __device__ __forceinline__
+#else
+#define RF_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define RF_UNROLL _Pragma("unroll")
+#else
+#define RF_UNROLL
+#endif
+
+namespace resnet_fused {
+namespace conv_tile {
+
+constexpr int kBM = kConvTileM;
+constexpr int kBN = kConvTileN;
+constexpr int kBK = kConvTileK;
+constexpr int kThreads = kConvThreads;
+// Row pitches of the shared tiles. WMMA needs a multiple of 8 16-bit elements (16 bytes) for
+// A/B and of 4 floats for C, and 32-byte aligned fragment pointers; the padding also spreads
+// the rows over shared-memory banks.
+constexpr int kLdA = kBK + 8;
+constexpr int kLdB = kBN + 8;
+constexpr int kLdC = kBN + 4;
+
+static_assert(kBM * kBK % kThreads == 0 && kBK * kBN % kThreads == 0 && kBM * kBN % kThreads == 0,
+              "each phase gives every thread the same number of elements");
+
+// ---- element conversions (same code on both sides) ----------------------------------------
+
+RF_HD float widen(float v) { return v; }
+RF_HD double widen(double v) { return v; }
+RF_HD float widen(__half v) { return __half2float(v); }
+RF_HD float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct Narrow;
+template <>
+struct Narrow<float> {
+  RF_HD static float from(float v) { return v; }
+};
+template <>
+struct Narrow<double> {
+  RF_HD static double from(double v) { return v; }
+};
+template <>
+struct Narrow<__half> {
+  RF_HD static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Narrow<__nv_bfloat16> {
+  RF_HD static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Accumulation (and vector) type of a storage type: fp64 for fp64, fp32 otherwise.
+template <typename T>
+using AccOf = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// relu that lets NaN through, as eager's relu does (a max() would turn NaN into 0 and hide it).
+template <typename Acc>
+RF_HD Acc relu_keep_nan(Acc v) {
+  return v < Acc(0) ? Acc(0) : v;
+}
+
+// ---- epilogue pieces shared with the elementwise kernels (bn_elementwise.cu) ----------------
+
+// g' = value * [v * scale + shift > 0] (NaN in v masks to 0, as in the Triton kernels), stored in
+// T at *out; returns g' as stored, widened, which is what the BN sums must be taken of.
+template <typename T, typename Acc>
+RF_HD Acc relu_mask_store(Acc value, Acc v, Acc scale, Acc shift, T* out) {
+  const T stored = Narrow<T>::from(v * scale + shift > Acc(0) ? value : Acc(0));
+  *out = stored;
+  return static_cast<Acc>(widen(stored));
+}
+
+// Sums of g' and g' * (v - mean) * invstd over `rows` rows of one column, ascending: g' from a
+// staged tile column (pitch ld), v from global memory (pitch v_pitch). Writes sums[at] and
+// sums[plane + at] (layout [2, P, C]).
+template <typename T, typename Acc>
+RF_HD void relu_sums_column(const Acc* g_col, int ld, int rows, const T* v_col, int64_t v_pitch, Acc mean,
+                            Acc invstd, Acc* sums, int64_t plane, int64_t at) {
+  Acc sum = Acc(0), sum_xhat = Acc(0);
+  for (int r = 0; r < rows; ++r) {
+    const Acc g = g_col[r * ld];
+    const Acc v = static_cast<Acc>(widen(v_col[r * v_pitch]));
+    sum += g;
+    sum_xhat += g * ((v - mean) * invstd);
+  }
+  sums[at] = sum;
+  sums[plane + at] = sum_xhat;
+}
+
+// (count, mean, M2) of `rows` values of a staged tile column, two passes (exact within the
+// tile), written to partials[at], [plane + at], [2 plane + at] (layout [3, P, C]).
+template <typename Acc>
+RF_HD void stats_column(const Acc* col, int ld, int rows, Acc* partials, int64_t plane, int64_t at) {
+  Acc sum = Acc(0);
+  for (int r = 0; r < rows; ++r) sum += col[r * ld];
+  const Acc mean = sum / static_cast<Acc>(rows);
+  Acc m2 = Acc(0);
+  for (int r = 0; r < rows; ++r) {
+    const Acc d = col[r * ld] - mean;
+    m2 += d * d;
+  }
+  partials[at] = static_cast<Acc>(rows);
+  partials[plane + at] = mean;
+  partials[2 * plane + at] = m2;
+}
+
+// ---- shared storage -------------------------------------------------------------------------
+
+// Raw bytes (no constructors, so it can be a __shared__ variable): the A and B operand tiles
+// of one K step, and over the same bytes after the main loop the accumulator tile C.
+template <typename T, typename Acc>
+struct TileSmem {
+  static constexpr size_t kABytes = sizeof(T) * kBM * kLdA;
+  static constexpr size_t kBBytes = sizeof(T) * kBK * kLdB;
+  static constexpr size_t kCBytes = sizeof(Acc) * kBM * kLdC;
+  static constexpr size_t kBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
+  static_assert(kABytes % 32 == 0, "B tile must stay 32-byte aligned for WMMA");
+
+  alignas(128) unsigned char raw[kBytes];
+  // Per-row decode of the block's M tile, written by `setup`: image, and two spatial
+  // coordinates whose meaning the problem defines; row_n < 0 marks rows past the end.
+  int row_n[kBM];
+  int row_h[kBM];
+  int row_w[kBM];
+
+  RF_HD T* a() { return reinterpret_cast<T*>(raw); }
+  RF_HD T* b() { return reinterpret_cast<T*>(raw + kABytes); }
+  RF_HD Acc* c() { return reinterpret_cast<Acc*>(raw); }
+  RF_HD const T* a() const { return reinterpret_cast<const T*>(raw); }
+  RF_HD const T* b() const { return reinterpret_cast<const T*>(raw + kABytes); }
+};
+
+// ---- the multiply step ----------------------------------------------------------------------
+
+// Portable path: each thread owns a 4x4 register tile at rows tr + 16 i, columns tc + 16 j
+// (interleaved so a warp reads 16 distinct B columns per step).
+template <typename Acc>
+struct SimtAcc {
+  Acc v[4][4];
+};
+
+template <typename Acc>
+RF_HD void mma_zero_simt(SimtAcc<Acc>& acc) {
+  RF_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    RF_UNROLL
+    for (int j = 0; j < 4; ++j) acc.v[i][j] = Acc(0);
+  }
+}
+
+template <typename T, typename Acc>
+RF_HD void mma_step_simt(int tid, const TileSmem<T, Acc>& s, SimtAcc<Acc>& acc) {
+  const int tr = tid / 16, tc = tid % 16;
+  const T* a = s.a();
+  const T* b = s.b();
+  RF_UNROLL
+  for (int kk = 0; kk < kBK; ++kk) {
+    Acc av[4], bv[4];
+    RF_UNROLL
+    for (int i = 0; i < 4; ++i) av[i] = static_cast<Acc>(widen(a[(tr + 16 * i) * kLdA + kk]));
+    RF_UNROLL
+    for (int j = 0; j < 4; ++j) bv[j] = static_cast<Acc>(widen(b[kk * kLdB + tc + 16 * j]));
+    RF_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      RF_UNROLL
+      for (int j = 0; j < 4; ++j) acc.v[i][j] += av[i] * bv[j];
+    }
+  }
+}
+
+template <typename T, typename Acc>
+RF_HD void mma_stash_simt(int tid, const SimtAcc<Acc>& acc, TileSmem<T, Acc>& s) {
+  const int tr = tid / 16, tc = tid % 16;
+  Acc* c = s.c();
+  RF_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    RF_UNROLL
+    for (int j = 0; j < 4; ++j) c[(tr + 16 * i) * kLdC + tc + 16 * j] = acc.v[i][j];
+  }
+}
+
+#if defined(__CUDACC__)
+// Device multiply: the portable tile for fp32/fp64, tensor cores for fp16/bf16 (fp32
+// accumulate). 8 warps as 4 (rows) x 2 (columns), each a 16x32 slab of two 16x16 fragments.
+template <typename T, typename Acc>
+struct DeviceMma {
+  SimtAcc<Acc> acc;
+  __device__ __forceinline__ void zero() { mma_zero_simt(acc); }
+  __device__ __forceinline__ void step(int tid, const TileSmem<T, Acc>& s) { mma_step_simt(tid, s, acc); }
+  __device__ __forceinline__ void stash(int tid, TileSmem<T, Acc>& s) { mma_stash_simt(tid, acc, s); }
+};
+
+template <typename T>
+struct WmmaMma {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> frag[2];
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(frag[0], 0.0f);
+    nvcuda::wmma::fill_fragment(frag[1], 0.0f);
+  }
+  __device__ __forceinline__ void step(int tid, const TileSmem<T, float>& s) {
+    const int warp = tid / 32;
+    const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+      nvcuda::wmma::load_matrix_sync(fa, s.a() + row0 * kLdA + kk, kLdA);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> fb;
+        nvcuda::wmma::load_matrix_sync(fb, s.b() + kk * kLdB + col0 + 16 * j, kLdB);
+        nvcuda::wmma::mma_sync(frag[j], fa, fb, frag[j]);
+      }
+    }
+  }
+  __device__ __forceinline__ void stash(int tid, TileSmem<T, float>& s) {
+    const int warp = tid / 32;
+    const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      nvcuda::wmma::store_matrix_sync(s.c() + row0 * kLdC + col0 + 16 * j, frag[j], kLdC,
+                                      nvcuda::wmma::mem_row_major);
+    }
+  }
+};
+template <>
+struct DeviceMma<__half, float> : WmmaMma<__half> {};
+template <>
+struct DeviceMma<__nv_bfloat16, float> : WmmaMma<__nv_bfloat16> {};
+
+// One thread block of `Problem`; the phase order is the definition of the algorithm and is
+// mirrored exactly by run_blocks_host below.
+template <class Problem>
+__global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const typename Problem::Args args) {
+  using T = typename Problem::T;
+  using Acc = typename Problem::Acc;
+  __shared__ TileSmem<T, Acc> smem;
+  const int tid = threadIdx.x;
+  const typename Problem::Block blk = Problem::block(blockIdx.x, blockIdx.y, blockIdx.z, args);
+  Problem::setup(blk, tid, smem, args);
+  __syncthreads();
+  DeviceMma<T, Acc> mma;
+  mma.zero();
+  const int steps = Problem::num_steps(blk, args);
+  for (int step = 0; step < steps; ++step) {
+    Problem::load(blk, step, tid, smem, args);
+    __syncthreads();
+    mma.step(tid, smem);
+    __syncthreads();  // the next load overwrites the tiles; the stash below aliases them
+  }
+  mma.stash(tid, smem);
+  __syncthreads();
+  Problem::epilogue_elementwise(blk, tid, smem, args);
+  __syncthreads();
+  Problem::epilogue_columns(blk, tid, smem, args);
+}
+
+template <class Problem>
+cudaError_t launch_blocks(const typename Problem::Args& args, dim3 grid, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;  // empty problem
+  conv_gemm_kernel<Problem><<<grid, kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+#endif  // __CUDACC__
+
+// The CPU thread-block emulator: every block of the grid, every phase over all thread indices
+// before the next phase (which is what __syncthreads() guarantees on the device).
+template <class Problem>
+void run_blocks_host(const typename Problem::Args& args, dim3 grid) {
+  using T = typename Problem::T;
+  using Acc = typename Problem::Acc;
+  std::unique_ptr<TileSmem<T, Acc>> smem(new TileSmem<T, Acc>());
+  std::vector<SimtAcc<Acc>> acc(kThreads);
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        const typename Problem::Block blk = Problem::block(bx, by, bz, args);
+        for (int tid = 0; tid < kThreads; ++tid) Problem::setup(blk, tid, *smem, args);
+        for (int tid = 0; tid < kThreads; ++tid) mma_zero_simt(acc[tid]);
+        const int steps = Problem::num_steps(blk, args);
+        for (int step = 0; step < steps; ++step) {
+          for (int tid = 0; tid < kThreads; ++tid) Problem::load(blk, step, tid, *smem, args);
+          for (int tid = 0; tid < kThreads; ++tid) mma_step_simt(tid, *smem, acc[tid]);
+        }
+        for (int tid = 0; tid < kThreads; ++tid) mma_stash_simt(tid, acc[tid], *smem);
+        for (int tid = 0; tid < kThreads; ++tid) Problem::epilogue_elementwise(blk, tid, *smem, args);
+        for (int tid = 0; tid < kThreads; ++tid) Problem::epilogue_columns(blk, tid, *smem, args);
+      }
+    }
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// CUDA's grid limits.
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr unsigned kMaxGridYZ = 65535;
+
+}  // namespace conv_tile
+}  // namespace resnet_fused

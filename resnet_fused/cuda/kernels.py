@@ -1,0 +1,162 @@
+"""Launchers of the C++ fused convolution GEMMs, with the Triton launchers' keyword signatures.
+
+Each launcher casts the weights (and other data operands) to the activation's dtype, as the
+Triton launchers do, calls one ``torch.ops.resnet_fused.*_cuda`` op and records the launch, so
+tests can assert that the C++ kernels ran rather than a fallback. The ops check their inputs
+(csrc/bindings.cpp), accept NCHW or channels_last tensors and return channels_last ones.
+
+Layouts: ``partials`` of ``bn_relu_conv`` are [3, P, C_out] (count, mean, M2) per M tile and
+``sums`` of ``conv_dgrad`` [2, P, C_in] (sum g', sum g' * xhat), P = ceil(M / 64), in fp32 (fp64
+for fp64 data): the same layouts as the Triton kernels', so ``bn_finalize`` and
+``bn_backward_coefficients`` merge either.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, GradPrologue
+
+__all__ = ["SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "GradPrologue", "bn_relu_conv", "conv_dgrad",
+           "conv_wgrad", "bn_relu_apply", "relu_grad_sums", "bn_backward_apply", "channel_stats_partials",
+           "launch_counts", "reset_launch_counts"]
+
+
+_LAUNCHES: Counter = Counter()
+
+
+def launch_counts() -> Counter:
+    """A copy of the per-op launch counts since the last reset (keys: the op names)."""
+    return Counter(_LAUNCHES)
+
+
+def reset_launch_counts() -> None:
+    _LAUNCHES.clear()
+
+
+def _ops():
+    _extension.require("the CUDA backend (resnet_fused.cuda)")
+    return torch.ops.resnet_fused
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _prologue(prologue, dtype: torch.dtype):
+    if prologue is None:
+        return None, None, None, None
+    return prologue.y.to(dtype), prologue.a, prologue.b, prologue.c
+
+
+def bn_relu_conv(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    stride: int = 1,
+    groups: int = 1,
+    shortcut: Optional[Tensor] = None,
+    shortcut_kind: int = SHORTCUT_NONE,
+    shortcut_stride: int = 1,
+    proj_weight: Optional[Tensor] = None,
+    proj_scale: Optional[Tensor] = None,
+    proj_shift: Optional[Tensor] = None,
+    emit_stats: bool = False,
+    post_scale: Optional[Tensor] = None,
+    post_shift: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues (C++ kernel).
+
+    Same contract as ``resnet_fused.triton.conv.bn_relu_conv``: ``scale``/``shift`` None means no
+    prologue; shortcut_kind 1 adds ``shortcut[:, :, ::s, ::s]``, 2 adds a second K-loop over
+    relu(shortcut * proj_scale + proj_shift) times ``proj_weight``; ``emit_stats`` returns the
+    statistics partials of the stored output; ``post_scale``/``post_shift`` store
+    relu(out * post_scale + post_shift) instead (eval mode's folded next BN).
+    Returns (out in channels_last, partials [3, P, C_out] or None).
+    """
+    ops = _ops()
+    dtype = x.dtype
+    _LAUNCHES["conv_fwd_cuda"] += 1
+    out, partials = ops.conv_fwd_cuda(
+        x, weight.to(dtype), scale, shift, stride, groups,
+        _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
+        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift)
+    return out, (partials if emit_stats else None)
+
+
+def conv_dgrad(
+    grad: Tensor, weight: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
+    *, stride: int = 1, groups: int = 1, prologue: Optional[GradPrologue] = None,
+    second_grad: Optional[Tensor] = None, second_weight: Optional[Tensor] = None, second_stride: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """(g' = masked input gradient, sums [2, P, C_in]) of a conv (1x1 or 3x3, stride, groups)
+    whose input was relu(v * scale + shift) and whose output gradient is ``grad`` (with the
+    BN-backward ``prologue`` applied first); ``second_grad``/``second_weight`` add a strided 1x1
+    projection's input gradient into the same accumulator before the mask and the sums.
+    Same contract as the Triton ``conv1x1_dgrad``, plus 3x3 and groups."""
+    ops = _ops()
+    dtype = grad.dtype
+    y, a, b, c = _prologue(prologue, dtype)
+    _LAUNCHES["conv_dgrad_cuda"] += 1
+    return ops.conv_dgrad_cuda(
+        grad, weight.to(dtype), v.to(dtype), scale, shift, mean, invstd, stride, groups, y, a, b, c,
+        _cast(second_grad, dtype), _cast(second_weight, dtype), second_stride)
+
+
+def conv_wgrad(
+    grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, *, ksize: int = 1, stride: int = 1, groups: int = 1,
+    prologue: Optional[GradPrologue] = None, splits: Optional[int] = None,
+) -> Tensor:
+    """dW (C_out, C_in/groups, ksize, ksize) of a conv with input relu(v * scale + shift) and
+    output gradient ``grad`` (BN-backward ``prologue`` applied first), in grad's dtype. Split-K
+    over the output rows (``splits`` None: about 4096 rows a split, at most 64) with fp32 partials
+    summed in a fixed order: bitwise reproducible."""
+    ops = _ops()
+    dtype = grad.dtype
+    y, a, b, c = _prologue(prologue, dtype)
+    _LAUNCHES["conv_wgrad_cuda"] += 1
+    return ops.conv_wgrad_cuda(grad, v.to(dtype), scale, shift, ksize, stride, groups, y, a, b, c,
+                               0 if splits is None else splits)
+
+
+# --- elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.cu) ---------------------------------
+
+
+def bn_relu_apply(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(x * scale + shift) per channel of an (N, C, H, W) tensor, channels_last out."""
+    ops = _ops()
+    _LAUNCHES["bn_relu_apply_cuda"] += 1
+    return ops.bn_relu_apply_cuda(x, scale, shift)
+
+
+def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
+                   extra: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(g' = (grad + extra) * [v * scale + shift > 0], sums [2, P, C] of g' and g' * xhat)."""
+    ops = _ops()
+    dtype = grad.dtype
+    _LAUNCHES["relu_grad_sums_cuda"] += 1
+    return ops.relu_grad_sums_cuda(grad, _cast(extra, dtype), v.to(dtype), scale, shift, mean, invstd)
+
+
+def bn_backward_apply(g: Tensor, v: Tensor, coeff, shortcut_grad: Optional[Tensor] = None,
+                      shortcut_stride: int = 1) -> Tensor:
+    """dv = A g + B v + C (+ the shortcut's gradient at the stride grid), channels_last, v's dtype.
+    ``coeff`` is any object with per-channel ``a``, ``b``, ``c`` (e.g. the Triton ``BNBackward``)."""
+    ops = _ops()
+    dtype = v.dtype
+    _LAUNCHES["bn_backward_apply_cuda"] += 1
+    return ops.bn_backward_apply_cuda(g.to(dtype), v, coeff.a, coeff.b, coeff.c, _cast(shortcut_grad, dtype),
+                                      shortcut_stride)
+
+
+def channel_stats_partials(x: Tensor) -> Tensor:
+    """Per-tile (count, mean, M2) partials [3, P, C] of an (N, C, H, W) tensor, P = ceil(N*H*W / 64)."""
+    ops = _ops()
+    _LAUNCHES["stats_partials_cuda"] += 1
+    return ops.stats_partials_cuda(x)

@@ -1,0 +1,721 @@
+"""The CUDA C++ fused convolution GEMMs (csrc/cuda/conv_*.cu) through their launchers.
+
+On a CPU-only machine every op runs its host implementation: the SAME thread-block phase
+functions the CUDA kernels run (conv_tile.cuh), block by block, all thread indices of a phase
+before the next, with an ordinary array for shared memory. So these tests check the tile index
+math, prologues, padding/stride predicates, epilogues and partial layouts of the GPU code; only
+the multiply step differs there (tensor cores for fp16/bf16). The references are eager PyTorch in
+float64 (conv2d / aten.convolution_backward on explicitly computed activations and gradients)
+from the same input values, so input rounding is not counted as error.
+
+Tiles are 64 (M) x 64 (N) x 32 (K) (kConvTile* in conv_fused.h); the shapes are chosen so that
+some cases have several M tiles, several N tiles, partial tiles and several K steps per tap
+(asserted below), while the whole file stays fast.
+"""
+from __future__ import annotations
+
+import math
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_fused import _extension
+
+REQUIRE_C = os.environ.get("RESNET_FUSED_REQUIRE_C") == "1"
+TILE_M, TILE_N, TILE_K = 64, 64, 32
+
+# Error bound: max |out - ref| / max |ref| over the tensor; measured values in brackets.
+# fp64: summation-order noise only [<= 4e-16]. fp32: a few ulps per product over K <= 9 * 72
+# terms [<= 5e-7]; the mean-100 / std-0.1 case loses ~3 digits in x * scale + shift, exactly as
+# eager's fp32 BN does [1e-5], so it gets its own bound. fp16/bf16: the activated operand is
+# rounded to the storage dtype before the multiply (as the Triton kernel does, and as a cuDNN conv
+# of a materialised activation does) and the output once more [fp16 <= 5.4e-4, bf16 <= 4.8e-3].
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+BN_LIKE_FP32_TOL = 1e-4
+# The statistics epilogue is checked against var_mean of the op's own stored output, so its
+# error is the partial/merge arithmetic alone (fp32 partials for 16/32-bit data).
+STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torch.ops.resnet_fused, or a skip (a failure under RESNET_FUSED_REQUIRE_C=1) without _C."""
+    if not _extension.is_available():
+        message = f"resnet_fused._C is not available: {_extension.unavailable_reason()}"
+        if REQUIRE_C:
+            pytest.fail(f"RESNET_FUSED_REQUIRE_C=1 but {message}")
+        pytest.skip(message)
+    return torch.ops.resnet_fused
+
+
+@pytest.fixture(scope="module")
+def kernels(ops):
+    from resnet_fused.cuda import kernels as module
+
+    return module
+
+
+# --- inputs and references ----------------------------------------------------------------
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _data(gen, shape, dtype, mean=0.0, std=1.0, channels_last=True):
+    # Per-channel offsets so that a channel mix-up cannot pass.
+    c = shape[1]
+    offsets = torch.linspace(-0.5, 0.5, c, dtype=torch.float64).view(1, c, 1, 1)
+    t = (torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean + offsets).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+def _weight(gen, shape, dtype):
+    fan_in = shape[1] * shape[2] * shape[3]
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)).to(dtype)
+
+
+def _affine(gen, channels, dtype, mean=0.0, std=1.0):
+    """A realistic BN affine for data of the given mean/std: scale = gamma / std, shift = beta -
+    mean * scale, with beta clearly nonzero so that relu(shift) != 0 (padding bugs show)."""
+    gamma = 0.5 + torch.rand(channels, generator=gen, dtype=torch.float64)
+    beta = 0.2 + 0.3 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    scale = gamma / std
+    shift = beta - mean * scale
+    return scale.to(_acc(dtype)), shift.to(_acc(dtype))
+
+
+def _act(x, scale, shift):
+    x = x.double()
+    if scale is None:
+        return x
+    return torch.relu(x * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _assert_close(out, ref, tol, what):
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    err = _rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def _chan_merge(partials):
+    """(mean, biased var) from partials [3, P, C], merged left to right by Chan's formula."""
+    part = partials.double()
+    n, mean, m2 = part[0, 0].clone(), part[1, 0].clone(), part[2, 0].clone()
+    for p in range(1, part.shape[1]):
+        nb, mb, m2b = part[0, p], part[1, p], part[2, p]
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * nb / total
+        m2 = m2 + m2b + delta * delta * n * nb / total
+        n = total
+    return mean, m2 / n, n
+
+
+# --- forward ------------------------------------------------------------------------------
+
+
+@dataclass
+class FwdCase:
+    name: str
+    n: int
+    c_in: int
+    c_out: int
+    hw: tuple
+    ksize: int = 3
+    stride: int = 1
+    groups: int = 1
+    prologue: bool = True
+    shortcut_kind: int = 0
+    shortcut_stride: int = 1
+    shortcut_channels: int = 0   # projection: channels of the block input
+    proj_prologue: bool = True
+    emit_stats: bool = True
+    post: bool = False
+    data_mean: float = 0.5
+    data_std: float = 1.0
+    nchw_input: bool = False
+    min_tiles: dict = field(default_factory=dict)  # e.g. {"m": 2, "n": 2, "k": 2}
+
+    def out_hw(self):
+        pad = self.ksize // 2
+        return tuple((s + 2 * pad - self.ksize) // self.stride + 1 for s in self.hw)
+
+
+FWD_CASES = [
+    FwdCase("3x3_s1_c5_to_12", 2, 5, 12, (7, 7), min_tiles={"m": 2}),
+    FwdCase("3x3_s2_g2_5x6", 2, 12, 20, (5, 6), stride=2, groups=2),
+    FwdCase("3x3_g4_cinpg4", 2, 16, 20, (7, 7), groups=4, min_tiles={"m": 2}),
+    FwdCase("1x1_identity_add", 2, 20, 12, (7, 7), ksize=1, shortcut_kind=1, nchw_input=True),
+    FwdCase("1x1_s2_subsample_add", 2, 20, 12, (7, 7), ksize=1, stride=2, shortcut_kind=1, shortcut_stride=2),
+    FwdCase("3x3_s2_projection", 2, 12, 20, (7, 7), stride=2, shortcut_kind=2, shortcut_stride=2,
+            shortcut_channels=5),
+    FwdCase("1x1_projection_no_proj_prologue", 1, 5, 12, (4, 4), ksize=1, shortcut_kind=2, shortcut_stride=2,
+            shortcut_channels=3, proj_prologue=False),
+    FwdCase("big_tiles_post", 2, 40, 72, (7, 7), post=True, min_tiles={"m": 2, "n": 2, "k": 2}),
+    FwdCase("no_prologue_post", 1, 3, 5, (5, 6), prologue=False, post=True, emit_stats=False),
+    FwdCase("bn_like_mean100_std0.1", 2, 20, 12, (7, 7), data_mean=100.0, data_std=0.1),
+]
+
+
+def _fwd_inputs(case: FwdCase, dtype, gen):
+    x_shape = (case.n, case.c_in) + case.hw
+    x = _data(gen, x_shape, dtype, case.data_mean, case.data_std, channels_last=not case.nchw_input)
+    w = _weight(gen, (case.c_out, case.c_in // case.groups, case.ksize, case.ksize), dtype)
+    scale, shift = _affine(gen, case.c_in, dtype, case.data_mean, case.data_std) if case.prologue else (None, None)
+    h_out, w_out = case.out_hw()
+    kw = dict(scale=scale, shift=shift, stride=case.stride, groups=case.groups, shortcut_kind=case.shortcut_kind,
+              shortcut_stride=case.shortcut_stride, emit_stats=case.emit_stats)
+    if case.shortcut_kind == 1:
+        sc_hw = (h_out * case.shortcut_stride - (case.shortcut_stride - 1),
+                 w_out * case.shortcut_stride - (case.shortcut_stride - 1))
+        kw["shortcut"] = _data(gen, (case.n, case.c_out) + sc_hw, dtype)
+    elif case.shortcut_kind == 2:
+        sc_hw = (h_out * case.shortcut_stride, w_out * case.shortcut_stride)
+        kw["shortcut"] = _data(gen, (case.n, case.shortcut_channels) + sc_hw, dtype)
+        kw["proj_weight"] = _weight(gen, (case.c_out, case.shortcut_channels, 1, 1), dtype)
+        if case.proj_prologue:
+            kw["proj_scale"], kw["proj_shift"] = _affine(gen, case.shortcut_channels, dtype, 0.5)
+    if case.post:
+        kw["post_scale"], kw["post_shift"] = _affine(gen, case.c_out, dtype)
+    return x, w, kw
+
+
+def _fwd_reference(case: FwdCase, x, w, kw, dtype):
+    """(pre-rounding output in fp64, the post-epilogue function) from the same input values."""
+    a = _act(x, kw["scale"], kw["shift"])
+    y = F.conv2d(a, w.double(), stride=case.stride, padding=case.ksize // 2, groups=case.groups)
+    if case.shortcut_kind == 1:
+        s = case.shortcut_stride
+        y = y + kw["shortcut"].double()[:, :, ::s, ::s]
+    elif case.shortcut_kind == 2:
+        a_sc = _act(kw["shortcut"], kw.get("proj_scale"), kw.get("proj_shift"))
+        y = y + F.conv2d(a_sc, kw["proj_weight"].double(), stride=case.shortcut_stride)
+    return y
+
+
+def _tiles(rows, cols_per_group, k_per_tap):
+    return {"m": math.ceil(rows / TILE_M), "n": math.ceil(cols_per_group / TILE_N),
+            "k": math.ceil(k_per_tap / TILE_K)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: c.name)
+def test_forward_matches_eager(kernels, case, dtype, gen):
+    x, w, kw = _fwd_inputs(case, dtype, gen)
+    h_out, w_out = case.out_hw()
+    tiles = _tiles(case.n * h_out * w_out, case.c_out // case.groups, case.c_in // case.groups)
+    for axis, least in case.min_tiles.items():
+        assert tiles[axis] >= least, (axis, tiles)
+
+    kernels.reset_launch_counts()
+    out, partials = kernels.bn_relu_conv(x, w, **kw)
+    assert kernels.launch_counts()["conv_fwd_cuda"] == 1
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+
+    y = _fwd_reference(case, x, w, kw, dtype)
+    tol = BN_LIKE_FP32_TOL if (case.data_mean >= 100 and dtype == torch.float32) else TOL[dtype]
+    if case.post:
+        ref = torch.relu(y * kw["post_scale"].double().view(1, -1, 1, 1) + kw["post_shift"].double().view(1, -1, 1, 1))
+        _assert_close(out, ref, tol, "post BN+ReLU output")
+    else:
+        _assert_close(out, y, tol, "output")
+
+    if not case.emit_stats:
+        assert partials is None
+        return
+    assert partials.shape == (3, tiles["m"], case.c_out) and partials.dtype == _acc(dtype)
+    mean, var, count = _chan_merge(partials)
+    assert torch.all(count == case.n * h_out * w_out)
+    if case.post:
+        return  # statistics are of the pre-post value, which the op does not return; see below
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+    spread = ref_var.sqrt() + ref_mean.abs()
+    assert ((mean - ref_mean).abs() / spread).max() <= STATS_TOL[dtype]
+    assert ((var - ref_var).abs() / ref_var).max() <= 10 * STATS_TOL[dtype]
+
+
+def test_forward_stats_with_post_are_of_the_stored_pre_post_value(kernels, gen):
+    case = next(c for c in FWD_CASES if c.name == "big_tiles_post")
+    x, w, kw = _fwd_inputs(case, torch.float64, gen)
+    _, partials = kernels.bn_relu_conv(x, w, **kw)
+    plain, _ = kernels.bn_relu_conv(x, w, **{**kw, "post_scale": None, "post_shift": None, "emit_stats": False})
+    ref_var, ref_mean = torch.var_mean(plain, dim=(0, 2, 3), unbiased=False)
+    mean, var, _ = _chan_merge(partials)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["3x3_s2_projection", "big_tiles_post", "1x1_s2_subsample_add",
+                                  "bn_like_mean100_std0.1"])
+def test_forward_16bit(kernels, name, dtype, gen):
+    # mean 100 / std 0.1 data in fp16: the prologue must run in fp32 (fp16 scale/shift would be
+    # off by ~0.26 relative, DESIGN section 3), then the activation is rounded once to fp16.
+    case = next(c for c in FWD_CASES if c.name == name)
+    x, w, kw = _fwd_inputs(case, dtype, gen)
+    out, partials = kernels.bn_relu_conv(x, w, **kw)
+    y = _fwd_reference(case, x, w, kw, dtype)
+    if case.post:
+        y = torch.relu(y * kw["post_scale"].double().view(1, -1, 1, 1) + kw["post_shift"].double().view(1, -1, 1, 1))
+    assert out.dtype == dtype
+    _assert_close(out, y, TOL[dtype], "16-bit output")
+    if case.emit_stats and not case.post:
+        mean, var, _ = _chan_merge(partials)
+        ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+        assert ((mean - ref_mean).abs() / (ref_var.sqrt() + ref_mean.abs())).max() <= STATS_TOL[dtype]
+        assert ((var - ref_var).abs() / ref_var).max() <= 10 * STATS_TOL[dtype]
+
+
+def test_forward_nan_propagates(kernels, gen):
+    # relu(NaN) is NaN in eager; a max(., 0) prologue would hide it as 0.
+    x = _data(gen, (1, 5, 7, 7), torch.float32)
+    x[0, 2, 3, 3] = float("nan")
+    w = _weight(gen, (6, 5, 3, 3), torch.float32)
+    scale, shift = _affine(gen, 5, torch.float32)
+    out, _ = kernels.bn_relu_conv(x, w, scale=scale, shift=shift)
+    ref = F.conv2d(_act(x, scale, shift), w.double(), padding=1)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().sum() == 9 * 6  # the 3x3 neighbourhood, every output channel
+
+
+def test_forward_is_deterministic(kernels, gen):
+    case = FWD_CASES[0]
+    x, w, kw = _fwd_inputs(case, torch.float32, gen)
+    first = kernels.bn_relu_conv(x, w, **kw)
+    second = kernels.bn_relu_conv(x, w, **kw)
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+# --- dgrad --------------------------------------------------------------------------------
+
+
+@dataclass
+class BwdCase:
+    name: str
+    n: int
+    c_in: int
+    c_out: int
+    hw: tuple
+    ksize: int = 3
+    stride: int = 1
+    groups: int = 1
+    prologue: bool = True
+    second_channels: int = 0
+    second_stride: int = 2
+    splits: Optional[int] = None
+    min_tiles: dict = field(default_factory=dict)
+
+    def out_hw(self):
+        pad = self.ksize // 2
+        return tuple((s + 2 * pad - self.ksize) // self.stride + 1 for s in self.hw)
+
+
+DGRAD_CASES = [
+    BwdCase("1x1_no_prologue", 2, 12, 20, (7, 7), ksize=1, prologue=False, min_tiles={"m": 2}),
+    BwdCase("3x3_g2_5x6", 2, 12, 20, (5, 6), groups=2),
+    BwdCase("3x3_s2_g4_cinpg4", 2, 16, 20, (7, 7), stride=2, groups=4),
+    BwdCase("1x1_s2_holes", 2, 12, 20, (7, 7), ksize=1, stride=2),
+    BwdCase("1x1_with_projection_loop", 2, 12, 5, (7, 7), ksize=1, second_channels=20, second_stride=2),
+    BwdCase("3x3_s2_projection_loop_n1", 1, 5, 3, (5, 6), stride=2, second_channels=12, second_stride=2),
+    BwdCase("big_tiles", 2, 72, 40, (7, 7), min_tiles={"m": 2, "n": 2, "k": 2}),
+]
+
+
+def _norm(gen, channels, dtype, v):
+    """Saved statistics (mean, invstd) of v and an affine (scale, shift) that keeps about half of
+    the activations positive."""
+    var, mean = torch.var_mean(v.double(), dim=(0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + 1e-5)
+    gamma = 0.5 + torch.rand(channels, generator=gen, dtype=torch.float64)
+    beta = 0.1 * torch.randn(channels, generator=gen, dtype=torch.float64)
+    scale = gamma * invstd
+    shift = beta - mean * scale
+    return [t.to(_acc(dtype)) for t in (scale, shift, mean, invstd)]
+
+
+def _grad_inputs(case: BwdCase, dtype, gen):
+    h_out, w_out = case.out_hw()
+    v = _data(gen, (case.n, case.c_in) + case.hw, dtype, mean=0.3, std=1.0)
+    w = _weight(gen, (case.c_out, case.c_in // case.groups, case.ksize, case.ksize), dtype)
+    g = _data(gen, (case.n, case.c_out, h_out, w_out), dtype, std=1.0)
+    pro = None
+    if case.prologue:
+        y = _data(gen, g.shape, dtype, mean=0.2)
+        a = (0.5 + torch.rand(case.c_out, generator=gen, dtype=torch.float64)).to(_acc(dtype))
+        b = (0.3 * torch.randn(case.c_out, generator=gen, dtype=torch.float64)).to(_acc(dtype))
+        c = (0.2 + 0.3 * torch.randn(case.c_out, generator=gen, dtype=torch.float64)).to(_acc(dtype))
+        pro = (y, a, b, c)
+    return v, w, g, pro
+
+
+def _dy(g, pro):
+    if pro is None:
+        return g.double()
+    y, a, b, c = pro
+    view = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    return view(a) * g.double() + view(b) * y.double() + view(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", DGRAD_CASES, ids=lambda c: c.name)
+def test_dgrad_matches_eager(kernels, case, dtype, gen):
+    v, w, g, pro = _grad_inputs(case, dtype, gen)
+    scale, shift, mean, invstd = _norm(gen, case.c_in, dtype, v)
+    tiles = _tiles(v.numel() // case.c_in, case.c_in // case.groups, case.c_out // case.groups)
+    for axis, least in case.min_tiles.items():
+        assert tiles[axis] >= least, (axis, tiles)
+    extra = {}
+    if case.second_channels:
+        s2 = case.second_stride
+        h2, w2 = (math.ceil(s / s2) for s in case.hw)
+        extra = dict(second_grad=_data(gen, (case.n, case.second_channels, h2, w2), dtype),
+                     second_weight=_weight(gen, (case.second_channels, case.c_in, 1, 1), dtype), second_stride=s2)
+
+    kernels.reset_launch_counts()
+    prologue = kernels.GradPrologue(*pro) if pro is not None else None
+    g_masked, sums = kernels.conv_dgrad(g, w, v, scale, shift, mean, invstd, stride=case.stride,
+                                        groups=case.groups, prologue=prologue, **extra)
+    assert kernels.launch_counts()["conv_dgrad_cuda"] == 1
+    assert g_masked.dtype == dtype and g_masked.is_contiguous(memory_format=torch.channels_last)
+
+    pad = case.ksize // 2
+    d_a = torch.ops.aten.convolution_backward(
+        _dy(g, pro), v.double(), w.double(), None, [case.stride] * 2, [pad] * 2, [1, 1], False, [0, 0],
+        case.groups, [True, False, False])[0]
+    if case.second_channels:
+        d_a = d_a + torch.ops.aten.convolution_backward(
+            extra["second_grad"].double(), v.double(), extra["second_weight"].double(), None,
+            [case.second_stride] * 2, [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+    mask = (v.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)) > 0
+    ref = d_a * mask
+    _assert_close(g_masked, ref, TOL[dtype], "masked input gradient")
+    assert torch.all(g_masked[~mask] == 0)
+
+    assert sums.shape == (2, tiles["m"], case.c_in) and sums.dtype == _acc(dtype)
+    xhat = (v.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+    # Of g' as stored, merged in a fixed order by the caller (here: torch's sum over P).
+    stored = g_masked.double()
+    _assert_close(sums[0].double().sum(0), stored.sum((0, 2, 3)), 10 * TOL[dtype], "sum g'")
+    _assert_close(sums[1].double().sum(0), (stored * xhat).sum((0, 2, 3)), 10 * TOL[dtype], "sum g' xhat")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dgrad_16bit(kernels, dtype, gen):
+    case = next(c for c in DGRAD_CASES if c.name == "big_tiles")
+    v, w, g, pro = _grad_inputs(case, dtype, gen)
+    scale, shift, mean, invstd = _norm(gen, case.c_in, dtype, v)
+    g_masked, sums = kernels.conv_dgrad(g, w, v, scale, shift, mean, invstd, prologue=kernels.GradPrologue(*pro))
+    d_a = torch.ops.aten.convolution_backward(_dy(g, pro), v.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
+                                              False, [0, 0], 1, [True, False, False])[0]
+    mask = (v.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)) > 0
+    _assert_close(g_masked, d_a * mask, TOL[dtype], "16-bit masked input gradient")
+    torch.testing.assert_close(sums[0].double().sum(0), g_masked.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+# --- wgrad --------------------------------------------------------------------------------
+
+WGRAD_CASES = [
+    BwdCase("1x1_4_splits", 2, 12, 20, (7, 7), ksize=1, prologue=False, splits=4),
+    BwdCase("3x3_s2_g2_5x6", 2, 12, 20, (5, 6), stride=2, groups=2),
+    BwdCase("3x3_g4_cinpg4_3_splits", 2, 16, 20, (7, 7), groups=4, splits=3),
+    BwdCase("1x1_s2", 2, 12, 20, (7, 7), ksize=1, stride=2, splits=2),
+    BwdCase("big_tiles_3_splits", 2, 40, 72, (7, 7), splits=3),
+    BwdCase("1x1_auto_splits_M4608", 2, 5, 3, (48, 48), ksize=1),  # the default plan: 2 splits
+]
+
+
+def _wgrad_reference(case, v, g, pro, scale, shift):
+    pad = case.ksize // 2
+    w_shape = (case.c_out, case.c_in // case.groups, case.ksize, case.ksize)
+    return torch.ops.aten.convolution_backward(
+        _dy(g, pro), _act(v, scale, shift), torch.empty(w_shape, dtype=torch.float64), None, [case.stride] * 2,
+        [pad] * 2, [1, 1], False, [0, 0], case.groups, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: c.name)
+def test_wgrad_matches_eager(kernels, case, dtype, gen):
+    v, _, g, pro = _grad_inputs(case, dtype, gen)
+    scale, shift = _affine(gen, case.c_in, dtype, 0.3)
+    kernels.reset_launch_counts()
+    prologue = kernels.GradPrologue(*pro) if pro is not None else None
+    dw = kernels.conv_wgrad(g, v, scale, shift, ksize=case.ksize, stride=case.stride, groups=case.groups,
+                            prologue=prologue, splits=case.splits)
+    assert kernels.launch_counts()["conv_wgrad_cuda"] == 1
+    assert dw.shape == (case.c_out, case.c_in // case.groups, case.ksize, case.ksize) and dw.dtype == dtype
+    assert dw.is_contiguous()
+    _assert_close(dw, _wgrad_reference(case, v, g, pro, scale, shift), TOL[dtype], "weight gradient")
+
+
+def test_wgrad_splits_are_deterministic_and_agree(kernels, gen):
+    case = next(c for c in WGRAD_CASES if c.name == "big_tiles_3_splits")
+    v, _, g, pro = _grad_inputs(case, torch.float32, gen)
+    scale, shift = _affine(gen, case.c_in, torch.float32, 0.3)
+    prologue = kernels.GradPrologue(*pro)
+    runs = [kernels.conv_wgrad(g, v, scale, shift, ksize=3, prologue=prologue, splits=s) for s in (3, 3, 1)]
+    assert torch.equal(runs[0].view(torch.int32), runs[1].view(torch.int32))
+    torch.testing.assert_close(runs[0], runs[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_wgrad_16bit(kernels, dtype, gen):
+    case = next(c for c in WGRAD_CASES if c.name == "3x3_g4_cinpg4_3_splits")
+    v, _, g, pro = _grad_inputs(case, dtype, gen)
+    scale, shift = _affine(gen, case.c_in, dtype, 0.3)
+    dw = kernels.conv_wgrad(g, v, scale, shift, ksize=3, groups=4, prologue=kernels.GradPrologue(*pro), splits=3)
+    _assert_close(dw, _wgrad_reference(case, v, g, pro, scale, shift), TOL[dtype], "16-bit weight gradient")
+
+
+# --- registration, fakes, opcheck ---------------------------------------------------------
+
+SCHEMAS = {
+    "conv_fwd_cuda": "resnet_fused::conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, "
+                     "int groups, Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, "
+                     "Tensor? proj_scale, Tensor? proj_shift, bool emit_stats, Tensor? post_scale, "
+                     "Tensor? post_shift) -> (Tensor out, Tensor partials)",
+    "conv_dgrad_cuda": "resnet_fused::conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, "
+                       "Tensor mean, Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, "
+                       "Tensor? pro_b, Tensor? pro_c, Tensor? second_grad, Tensor? second_w, int second_stride) "
+                       "-> (Tensor g_masked, Tensor sums)",
+    "conv_wgrad_cuda": "resnet_fused::conv_wgrad_cuda(Tensor grad, Tensor v, Tensor scale, Tensor shift, int ksize, "
+                       "int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "
+                       "int splits=0) -> Tensor",
+    "bn_relu_apply_cuda": "resnet_fused::bn_relu_apply_cuda(Tensor x, Tensor scale, Tensor shift) -> Tensor",
+    "relu_grad_sums_cuda": "resnet_fused::relu_grad_sums_cuda(Tensor grad, Tensor? extra, Tensor v, Tensor scale, "
+                           "Tensor shift, Tensor mean, Tensor invstd) -> (Tensor g_masked, Tensor sums)",
+    "bn_backward_apply_cuda": "resnet_fused::bn_backward_apply_cuda(Tensor g, Tensor v, Tensor a, Tensor b, "
+                              "Tensor c, Tensor? shortcut_grad, int shortcut_stride) -> Tensor",
+    "stats_partials_cuda": "resnet_fused::stats_partials_cuda(Tensor x) -> Tensor",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_op_registered_with_cpu_and_cuda_kernels(ops, name):
+    op = getattr(ops, name)
+    assert str(op.default._schema) == SCHEMAS[name]
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{name}", key), key
+
+
+def _opcheck_args(gen):
+    """One small argument tuple per op, with every optional path switched on."""
+    dt = torch.float32
+    x = _data(gen, (2, 6, 5, 5), dt)
+    w = _weight(gen, (8, 3, 3, 3), dt)
+    scale, shift = _affine(gen, 6, dt)
+    sc = _data(gen, (2, 4, 5, 5), dt)
+    pw = _weight(gen, (8, 4, 1, 1), dt)
+    ps, pb = _affine(gen, 4, dt)
+    post_s, post_b = _affine(gen, 8, dt)
+    fwd = (x, w, scale, shift, 2, 2, sc, 2, 2, pw, ps, pb, True, post_s, post_b)
+    g = _data(gen, (2, 8, 3, 3), dt)
+    y = _data(gen, (2, 8, 3, 3), dt)
+    a, b = _affine(gen, 8, dt)
+    c = b * 0.5
+    m, inv = _affine(gen, 6, dt)
+    g2 = _data(gen, (2, 4, 3, 3), dt)
+    w2 = _weight(gen, (4, 6, 1, 1), dt)
+    dgrad = (g, w, x, scale, shift, m, inv, 2, 2, y, a, b, c, g2, w2, 2)
+    wgrad = (g, x, scale, shift, 3, 2, 2, y, a, b, c, 2)
+    x4 = _data(gen, (2, 6, 3, 3), dt)
+    return {"conv_fwd_cuda": fwd, "conv_dgrad_cuda": dgrad, "conv_wgrad_cuda": wgrad,
+            "bn_relu_apply_cuda": (x, scale, shift),
+            "relu_grad_sums_cuda": (x, x * 0.5, x, scale, shift, m, inv),
+            "bn_backward_apply_cuda": (x, x * 0.5, scale, shift, m, x4, 2),
+            "stats_partials_cuda": (x,)}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_fake_impl_matches_real(ops, name, gen):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _opcheck_args(gen)[name]
+    op = getattr(ops, name)
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = op(*fake_args)
+    real = real if isinstance(real, tuple) else (real,)
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype and r.stride() == f.stride(), (r.shape, f.shape,
+                                                                                        r.stride(), f.stride())
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_opcheck(ops, name, gen):
+    args = _opcheck_args(gen)[name]
+    # Every opcheck test, test_aot_dispatch_dynamic included (fake impls with symbolic shapes).
+    torch.library.opcheck(getattr(ops, name), args)
+
+
+def test_meta_tensors(ops):
+    x = torch.empty(2, 5, 7, 7, device="meta")
+    w = torch.empty(12, 5, 3, 3, device="meta")
+    out, partials = ops.conv_fwd_cuda(x, w, None, None, 2, 1, None, 0, 1, None, None, None, True, None, None)
+    assert out.shape == (2, 12, 4, 4) and partials.shape == (3, 1, 12)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- input checks -------------------------------------------------------------------------
+
+
+def _bad_calls(ops, gen):
+    x = _data(gen, (2, 6, 5, 5), torch.float32)
+    w = _weight(gen, (8, 3, 3, 3), torch.float32)
+    s, b = _affine(gen, 6, torch.float32)
+    g = _data(gen, (2, 8, 5, 5), torch.float32)
+
+    def fwd(**kw):
+        args = dict(x=x, w=w, scale=None, shift=None, stride=1, groups=2, shortcut=None, shortcut_kind=0,
+                    shortcut_stride=1, proj_w=None, proj_scale=None, proj_shift=None, emit_stats=False,
+                    post_scale=None, post_shift=None)
+        args.update(kw)
+        return lambda: ops.conv_fwd_cuda(*args.values())
+
+    def dgrad(**kw):
+        args = dict(grad=g, w=w, v=x, scale=s, shift=b, mean=s, invstd=b, stride=1, groups=2, pro_y=None,
+                    pro_a=None, pro_b=None, pro_c=None, second_grad=None, second_w=None, second_stride=1)
+        args.update(kw)
+        return lambda: ops.conv_dgrad_cuda(*args.values())
+
+    def wgrad(**kw):
+        args = dict(grad=g, v=x, scale=s, shift=b, ksize=3, stride=1, groups=2, pro_y=None, pro_a=None,
+                    pro_b=None, pro_c=None, splits=0)
+        args.update(kw)
+        return lambda: ops.conv_wgrad_cuda(*args.values())
+
+    return {
+        "fwd_x_3d": (fwd(x=x[0]), "x must be 4-D"),
+        "fwd_w_dtype": (fwd(w=w.double()), "w has dtype Double but the data tensors have Float"),
+        "fwd_int_x": (fwd(x=x.to(torch.int32), w=w.to(torch.int32)), "float32, float16, bfloat16 or float64"),
+        "fwd_wrong_groups": (fwd(groups=3), "groups=3 must divide"),
+        "fwd_groups_mismatch": (fwd(groups=1), r"expects 3 input channels, but x has 6"),
+        "fwd_5x5": (fwd(w=_weight(gen, (8, 3, 5, 5), torch.float32)), "only 1x1 and 3x3"),
+        "fwd_stride_0": (fwd(stride=0), "stride must be >= 1"),
+        "fwd_scale_without_shift": (fwd(scale=s), "pass both scale and shift or neither"),
+        "fwd_scale_size": (fwd(scale=s[:4], shift=b[:4]), "scale must be a 1-D tensor of 6 values"),
+        "fwd_scale_dtype": (fwd(scale=s.half(), shift=b.half()), "scale must be float32 or float64"),
+        "fwd_shortcut_kind_without_tensor": (fwd(shortcut_kind=1), "needs a shortcut tensor"),
+        "fwd_shortcut_shape": (fwd(shortcut=_data(gen, (2, 8, 4, 4), torch.float32), shortcut_kind=1),
+                               "must match the output's batch and spatial size"),
+        "fwd_projection_without_weight": (fwd(shortcut=x, shortcut_kind=2), "needs proj_w"),
+        "dgrad_grad_shape": (dgrad(grad=g[:, :, :4]), "grad must be the conv output's gradient"),
+        "dgrad_partial_prologue": (dgrad(pro_a=s), "needs all of pro_y, pro_a, pro_b and pro_c"),
+        "dgrad_v_dtype": (dgrad(v=x.double()), "v has dtype Double"),
+        "wgrad_ksize": (wgrad(ksize=2), "only 1x1 and 3x3"),
+        "wgrad_grad_shape": (wgrad(stride=2), "is not the output gradient"),
+    }
+
+
+BAD_CALL_NAMES = ["fwd_x_3d", "fwd_w_dtype", "fwd_int_x", "fwd_wrong_groups", "fwd_groups_mismatch", "fwd_5x5",
+                  "fwd_stride_0", "fwd_scale_without_shift", "fwd_scale_size", "fwd_scale_dtype",
+                  "fwd_shortcut_kind_without_tensor", "fwd_shortcut_shape", "fwd_projection_without_weight",
+                  "dgrad_grad_shape", "dgrad_partial_prologue", "dgrad_v_dtype", "wgrad_ksize", "wgrad_grad_shape"]
+
+
+@pytest.mark.parametrize("name", BAD_CALL_NAMES)
+def test_bad_input_raises_clear_error(ops, name, gen):
+    call, match = _bad_calls(ops, gen)[name]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_launchers_need_the_extension_message():
+    # The launcher module imports without loading _C (the package must import without it).
+    import subprocess
+    import sys
+
+    code = ("import sys, resnet_fused.cuda; "
+            "assert 'resnet_fused._C' not in sys.modules, 'importing resnet_fused.cuda loaded _C'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- elementwise BN/ReLU passes -----------------------------------------------------------
+
+EW_SHAPES = [(2, 20, 7, 7), (1, 72, 5, 6), (3, 5, 1, 1)]  # 2 M tiles; 2 channel tiles; M = 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", EW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_elementwise_passes(kernels, shape, dtype, gen):
+    n, c, h, w = shape
+    x = _data(gen, shape, dtype, mean=0.3, channels_last=False)  # NCHW in: copied by the op
+    scale, shift, mean, invstd = _norm(gen, c, dtype, x)
+    view = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    tol = TOL[dtype]
+    kernels.reset_launch_counts()
+
+    act = kernels.bn_relu_apply(x, scale, shift)
+    assert act.is_contiguous(memory_format=torch.channels_last) and act.dtype == dtype
+    _assert_close(act, torch.relu(x.double() * view(scale) + view(shift)), tol, "bn_relu_apply")
+
+    grad, extra = _data(gen, shape, dtype), _data(gen, shape, dtype)
+    g_masked, sums = kernels.relu_grad_sums(grad, x, scale, shift, mean, invstd, extra=extra)
+    mask = x.double() * view(scale) + view(shift) > 0
+    _assert_close(g_masked, (grad.double() + extra.double()) * mask, tol, "relu_grad_sums g'")
+    stored = g_masked.double()
+    xhat = (x.double() - view(mean)) * view(invstd)
+    assert sums.shape == (2, math.ceil(n * h * w / TILE_M), c)
+    torch.testing.assert_close(sums[0].double().sum(0), stored.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[1].double().sum(0), (stored * xhat).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+    coeff = types.SimpleNamespace(a=scale, b=shift, c=mean)  # any object with per-channel a, b, c
+    sc = _data(gen, (n, c, math.ceil(h / 2), math.ceil(w / 2)), dtype)
+    dv = kernels.bn_backward_apply(g_masked, x, coeff, shortcut_grad=sc, shortcut_stride=2)
+    ref = view(scale) * g_masked.double() + view(shift) * x.double() + view(mean)
+    ref[:, :, ::2, ::2] += sc.double()
+    _assert_close(dv, ref, tol, "bn_backward_apply")
+
+    partials = kernels.channel_stats_partials(x)
+    m, var, count = _chan_merge(partials)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    assert torch.all(count == n * h * w)
+    torch.testing.assert_close(m, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, ref_var, rtol=2e-5, atol=1e-9)
+    assert set(kernels.launch_counts()) == {"bn_relu_apply_cuda", "relu_grad_sums_cuda", "bn_backward_apply_cuda",
+                                            "stats_partials_cuda"}
+
+
+# --- the CUDA kernels against their host emulation ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_cuda_matches_host(kernels, dtype, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    # fp16/bf16 multiply on tensor cores on the device and in fp32 on the host: same rounding
+    # of the operands, different summation order.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for case in (FWD_CASES[5], FWD_CASES[7]):
+        x, w, kw = _fwd_inputs(case, dtype, gen)
+        host = kernels.bn_relu_conv(x, w, **kw)
+        to_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        dev = kernels.bn_relu_conv(x.cuda(), w.cuda(), **to_cuda)
+        torch.cuda.synchronize()
+        _assert_close(dev[0].cpu(), host[0].double(), tol, f"{case.name} cuda vs host")
+    case = DGRAD_CASES[-1]
+    v, w, g, pro = _grad_inputs(case, dtype, gen)
+    norm = _norm(gen, case.c_in, dtype, v)
+    host = kernels.conv_dgrad(g, w, v, *norm, prologue=kernels.GradPrologue(*pro))
+    dev = kernels.conv_dgrad(g.cuda(), w.cuda(), v.cuda(), *(t.cuda() for t in norm),
+                             prologue=kernels.GradPrologue(*(t.cuda() for t in pro)))
+    _assert_close(dev[0].cpu(), host[0].double(), tol, "dgrad cuda vs host")
+    case = WGRAD_CASES[-1]
+    v, _, g, pro = _grad_inputs(case, dtype, gen)
+    scale, shift = _affine(gen, case.c_in, dtype, 0.3)
+    host = kernels.conv_wgrad(g, v, scale, shift, ksize=3, prologue=kernels.GradPrologue(*pro), splits=3)
+    dev = kernels.conv_wgrad(g.cuda(), v.cuda(), scale.cuda(), shift.cuda(), ksize=3,
+                             prologue=kernels.GradPrologue(*(t.cuda() for t in pro)), splits=3)
+    _assert_close(dev.cpu(), host.double(), tol, "wgrad cuda vs host")
