@@ -8,15 +8,31 @@ never raises for a shape the reference handles.
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
+import torch
+
 from . import _extension
 
-__all__ = ["BACKENDS", "available_backends", "block_backend", "check_backend", "resolve_backend"]
+__all__ = ["AUTO_CUDA_TABLE", "BACKENDS", "auto_backend", "available_backends", "block_backend",
+           "check_backend", "resolve_backend"]
 
 BACKENDS = ("reference", "triton", "cuda", "auto")
 
 # The fused block implementations land per backend; until a backend's blocks exist, asking for
 # it explicitly is an error that says so (never a silent fallback), while "auto" falls back.
-_FUSED_BLOCKS_AVAILABLE = {"triton": True, "cuda": False}
+_FUSED_BLOCKS_AVAILABLE = {"triton": True, "cuda": True}
+
+#: Where ``auto`` runs the CUDA C++ blocks instead of Triton on a GPU, keyed by (compute
+#: capability "9.0", dtype "bfloat16", block "bottleneck" / "basic" / "resnext"). Entries come
+#: only from committed GPU benchmark results (``benchmarks/results/``: bench_blocks.py rows where
+#: the cuda backend beats triton in train_fwd_bwd on every stage measured). No GPU run has
+#: measured the CUDA kernels yet, so the table is empty and ``auto`` runs Triton on every GPU.
+#: The CUDA kernels take every shape the blocks allow, so no shape needs routing away from them.
+AUTO_CUDA_TABLE: dict[tuple[str, str, str], bool] = {}
+
+_warned_missing_extension = False
 
 
 def check_backend(backend: object) -> str:
@@ -58,10 +74,33 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def block_backend(backend: str, x_is_cuda: bool) -> str:
-    """The backend a block runs for one call: ``auto`` is the fused kernels on a GPU, else eager."""
-    if backend != "auto":
-        return backend
-    if x_is_cuda:
-        return "cuda" if "cuda" in available_backends() else "triton"
-    return "reference"
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"{major}.{minor}"
+
+
+def auto_backend(x: torch.Tensor, kind: str) -> str:
+    """What ``auto`` runs for input ``x`` of a ``kind`` block: eager on the CPU; on a GPU the CUDA
+    C++ blocks where :data:`AUTO_CUDA_TABLE` says they win, else Triton. When the table asks for
+    the CUDA blocks and ``resnet_fused._C`` is missing, says so once and runs Triton."""
+    global _warned_missing_extension
+    if not x.is_cuda:
+        return "reference"
+    key = (_capability(x.device.index if x.device.index is not None else torch.cuda.current_device()),
+           str(x.dtype).replace("torch.", ""), kind)
+    if not AUTO_CUDA_TABLE.get(key):
+        return "triton"
+    if _extension.is_available():
+        return "cuda"
+    if not _warned_missing_extension:
+        _warned_missing_extension = True
+        warnings.warn(f"resnet_fused: backend='auto' would run the CUDA C++ kernels for {key} but "
+                      f"{_extension.unavailable_reason()}; running the Triton kernels instead",
+                      RuntimeWarning, stacklevel=3)
+    return "triton"
+
+
+def block_backend(backend: str, x: torch.Tensor, kind: str) -> str:
+    """The backend a block runs for one call (``auto`` resolved by :func:`auto_backend`)."""
+    return auto_backend(x, kind) if backend == "auto" else backend

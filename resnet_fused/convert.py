@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .backends import check_backend, resolve_backend
+from .backends import AUTO_CUDA_TABLE, check_backend, resolve_backend
 from .modules import FusedBasicBlock, FusedBottleneck
 
 __all__ = ["convert", "unconvert", "describe", "BACKEND_DESCRIPTIONS", "SYNC_BATCHNORM_REASON"]
@@ -58,6 +58,7 @@ BACKEND_DESCRIPTIONS = {
     "reference": "reference",
     "auto": "auto (triton on CUDA, eager on CPU)",
 }
+_AUTO_WITH_TABLE = "auto (cuda where AUTO_CUDA_TABLE measured it faster, else triton, on CUDA; eager on CPU)"
 
 _FUSED_CLASSES = {"bottleneck": FusedBottleneck, "basic": FusedBasicBlock}
 _REFERENCE_CLASSES = {"bottleneck": reference.PreActBottleneck, "basic": reference.PreActBasicBlock}
@@ -444,7 +445,7 @@ def _runs(block: nn.Module, origin: str, kind: str) -> tuple[bool, str, Optional
     """(fused, what runs, reason if not fused) for one block."""
     if origin == "fused":
         backend = block.backend
-        runs = BACKEND_DESCRIPTIONS.get(backend, backend)
+        runs = _AUTO_WITH_TABLE if backend == "auto" and AUTO_CUDA_TABLE else BACKEND_DESCRIPTIONS.get(backend, backend)
         try:
             _block_args(block, origin, kind)
         except _Unfusable as exc:  # e.g. SyncBatchNorm swapped into a fused block: say so

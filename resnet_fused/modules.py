@@ -125,7 +125,7 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        backend = block_backend(self.backend, x.is_cuda)
+        backend = block_backend(self.backend, x, "resnext" if self.groups > 1 else "bottleneck")
         if backend == "reference":
             return super().forward(x)
         xc, (w1, w2, w3), w_proj = self._prepare(x)
@@ -159,7 +159,7 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        backend = block_backend(self.backend, x.is_cuda)
+        backend = block_backend(self.backend, x, "basic")
         if backend == "reference":
             return super().forward(x)
         xc, (w1, w2), w_proj = self._prepare(x)

@@ -431,6 +431,7 @@ def test_bad_arguments_are_clear_errors_and_change_nothing():
         rf.convert(model, backend="gpu")
     with pytest.raises(TypeError, match="backend must be a str"):
         rf.convert(model, backend=None)
-    with pytest.raises((RuntimeError, NotImplementedError), match="cuda"):
-        rf.convert(model, backend="cuda")  # the CUDA C++ blocks are not built/in this version
+    if not rf._extension.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            rf.convert(model, backend="cuda")  # the CUDA C++ blocks need resnet_fused._C
     assert [type(m) for m in model.modules()] == before
