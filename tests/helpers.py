@@ -1,7 +1,9 @@
 """Shared test utilities (imported by the test modules; pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import copy
 import os
+from typing import Callable
 
 import pytest
 import torch
@@ -53,12 +55,50 @@ def tolerance(dtype: torch.dtype, eager_err: float) -> float:
 
 
 def assert_parity(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
-                  what: str = "") -> None:
-    """The 2x-eager rule: rel_err(fused, exact) <= 2 rel_err(eager, exact) + floor(dtype)."""
+                  what: str = "", eager_spread: float = 0.0) -> None:
+    """The 2x-eager rule: rel_err(fused, exact) <= 2 max(rel_err(eager, exact), eager_spread)
+    + floor(dtype); ``eager_spread`` from :func:`eager_error_spread` where one eager sample is
+    not a fair measure of eager's accuracy."""
     assert fused.shape == exact.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
     err, eager_err = rel_err(fused, exact), rel_err(eager, exact)
-    bound = tolerance(dtype, eager_err)
-    assert err <= bound, f"{what}: fused error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {dtype})"
+    bound = tolerance(dtype, max(eager_err, eager_spread))
+    assert err <= bound, (f"{what}: fused error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, "
+                          f"eager over perturbed inputs up to {eager_spread:.3e}, {dtype})")
+
+
+# Some block gradients are ill-conditioned by construction: in train mode a BN's backward output
+# sums to zero per channel, so the dbeta of the norm before that conv (a sum of the masked dgrad)
+# is the small remainder of a zero sum, and a ReLU mask recomputed next to zero can flip. One
+# 16-bit rounding placed differently by two correct implementations then moves such a gradient
+# by far more than an ulp, and whether eager or the fused kernels lands closer on one input is
+# chance (measured over 6 rounding-noise copies of one such problem: fused and eager errors
+# spread alike, 0.06-0.13 relative, while single runs differed up to 40x). One eager run is then a noisy
+# estimate of eager's accuracy on the problem. The fair estimate: eager's error over a few
+# copies of the same problem whose inputs and parameters differ by rounding noise (a relative
+# N(0, u) perturbation, u the dtype's unit roundoff, rounded back to the dtype), and the 2x rule
+# against the largest. Where the problem is well conditioned that spread is eager's own error
+# and nothing changes.
+def eager_error_spread(grads_of: Callable, eager: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
+                       gen: torch.Generator, exact: dict, samples: int = 6) -> dict:
+    """Per gradient, the largest rel_err against ``exact`` of ``grads_of(module, x)`` over
+    ``samples`` rounding-noise perturbations of the eager module and input (all in ``dtype``)."""
+    spread = {k: 0.0 for k in exact}
+    if dtype == torch.float64:
+        return spread
+    u = UNIT_ROUNDOFF[dtype]
+
+    def perturbed(t: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+        return (t.double() * (1 + u * noise)).to(t.dtype)
+
+    for _ in range(samples):
+        twin = copy.deepcopy(eager)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.copy_(perturbed(p))
+        got = grads_of(twin, perturbed(x))
+        spread = {k: max(spread[k], rel_err(got[k], exact[k])) for k in exact}
+    return spread
 
 
 # ---- Running the Triton path: device, skip rule, forced small tiles ------------------------
