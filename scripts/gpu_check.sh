@@ -27,7 +27,7 @@
 #
 # Environment: OUT (default ./out), PYTHON (python3), PHASE_TIMEOUT_S (480),
 # BENCH_BUDGET_S (400), MODELS_BUDGET_S (400), BENCH_ARGS, MODELS_ARGS, PYTEST_ARGS,
-# TORCH_CUDA_ARCH_LIST (9.0a), SANITIZE_BACKEND (triton until the cuda blocks land),
+# TORCH_CUDA_ARCH_LIST (9.0a), SANITIZE_BACKEND (cuda; triton also possible),
 # RESNET_FUSED_3X3_STRATEGY (fused | hybrid: the Triton 3x3 forward and backward; unset, the
 # selector's default; the benchmark JSON records it), e.g. to compare the two:
 #   RESNET_FUSED_3X3_STRATEGY=fused BENCH_ARGS="--impls eager,triton --modes train_fwd_bwd" \
@@ -155,7 +155,7 @@ phase_models() {
 }
 
 phase_sanitize() {
-    local backend=${SANITIZE_BACKEND:-triton}
+    local backend=${SANITIZE_BACKEND:-cuda}
     local cmd="compute-sanitizer --tool <memcheck|racecheck> $PY scripts/sanitize_blocks.py --backend $backend"
     log_header sanitize "PYTORCH_NO_CUDA_MEMORY_CACHING=1 $cmd"
     local start=$SECONDS

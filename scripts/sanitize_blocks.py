@@ -1,7 +1,7 @@
 """One training forward+backward and one eval forward of each block type through a fused backend,
 at tiny shapes: the program compute-sanitizer (memcheck, racecheck) runs in scripts/gpu_check.sh.
 
-    compute-sanitizer --tool memcheck python scripts/sanitize_blocks.py [--backend cuda]
+    compute-sanitizer --tool memcheck python scripts/sanitize_blocks.py [--backend triton]
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: with PyTorch's caching allocator an out-of-bounds
 access usually lands inside another pooled block, which memcheck cannot see.
@@ -34,7 +34,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="triton", choices=("cuda", "triton"))
+    parser.add_argument("--backend", default="cuda", choices=("cuda", "triton"))
     parser.add_argument("--size", type=int, default=9, help="input height and width")
     args = parser.parse_args()
     if not torch.cuda.is_available():
