@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
                                                  int64_t shortcut_stride, const OptTensor& proj_w,
                                                  const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                  bool emit_stats, const OptTensor& post_scale,
-                                                 const OptTensor& post_shift) {
+                                                 const OptTensor& post_shift, int64_t algo) {
   const char* op = "resnet_fused.conv_fwd";
   const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
   const at::Tensor x = activation(op, "x", x_in, x_in);
@@ -254,6 +254,11 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   const int64_t H_out = conv_out_size(H_in, static_cast<int>(ksize), static_cast<int>(stride));
   const int64_t W_out = conv_out_size(W_in, static_cast<int>(ksize), static_cast<int>(stride));
   TORCH_CHECK(H_out >= 1 && W_out >= 1, op, ": the output would be empty for input ", x.sizes());
+  TORCH_CHECK(algo == kConvFwdAuto || algo == kConvFwdPerTap || algo == kConvFwdHalo, op,
+              ": algo must be 0 (auto), 1 (per-tap) or 2 (halo-staged 3x3), got ", algo);
+  TORCH_CHECK(algo != kConvFwdHalo || conv_fwd_halo_applies(static_cast<int>(ksize), static_cast<int>(stride)), op,
+              ": algo=2 (the halo-staged kernel) runs 3x3 convs with stride 1 or 2 only, got ksize ", ksize,
+              " and stride ", stride);
 
   check_pair(op, "scale", scale, "shift", shift);
   check_pair(op, "proj_scale", proj_scale, "proj_shift", proj_shift);
@@ -301,11 +306,13 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
     }
   }
 
-  const int64_t M = N * H_out * W_out;
   at::Tensor out = empty_nhwc(N, C_out, H_out, W_out, x);
   const auto acc_options = x.options().dtype(acc_dtype_of(x.scalar_type()));
-  at::Tensor partials = emit_stats ? at::empty({3, conv_tiles_m(M), C_out}, acc_options)
-                                   : at::empty({0}, acc_options);
+  // One partial per forward M tile (conv_fwd_tiles_m: spatial 8x8 tiles for a 3x3), whichever
+  // kernel runs; the fake in resnet_fused/_extension.py computes the same P.
+  at::Tensor partials =
+      emit_stats ? at::empty({3, conv_fwd_tiles_m(N, H_out, W_out, static_cast<int>(ksize)), C_out}, acc_options)
+                 : at::empty({0}, acc_options);
 
   ConvFwdParams p{};
   p.x = x.const_data_ptr();
@@ -335,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.partials = emit_stats ? partials.mutable_data_ptr() : nullptr;
   p.post_scale = ptr_or_null(post_s);
   p.post_shift = ptr_or_null(post_b);
+  p.algo = static_cast<int>(algo);
 
   if (on_cuda) {
     TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
@@ -511,9 +519,9 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
                                                   int64_t shortcut_stride, const OptTensor& proj_w,
                                                   const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                   bool emit_stats, const OptTensor& post_scale,
-                                                  const OptTensor& post_shift) {
+                                                  const OptTensor& post_shift, int64_t algo) {
   return conv_fwd_impl(kCuda, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
-                       proj_scale, proj_shift, emit_stats, post_scale, post_shift);
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo);
 }
 
 template <bool kCuda>
@@ -663,7 +671,7 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, int groups, "
       "Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, Tensor? proj_scale, "
-      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift) "
+      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0) "
       "-> (Tensor out, Tensor partials)");
   m.def(
       "conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, Tensor mean, "

@@ -29,10 +29,22 @@ _BUILD_HINT = (
 CPP_OPS = ("bn_stats_cuda", "conv_fwd_cuda", "conv_dgrad_cuda", "conv_wgrad_cuda", "bn_relu_apply_cuda",
            "relu_grad_sums_cuda", "bn_backward_apply_cuda", "stats_partials_cuda")
 
-# Rows of one M tile of the C++ conv GEMMs (kConvTileM in csrc/cuda/conv_fused.h): the statistics
-# partials of conv_fwd_cuda and the sums of conv_dgrad_cuda have ceil(M / CONV_TILE_M) rows.
+# Rows of one M tile of the C++ conv GEMMs (kConvTileM in csrc/cuda/conv_fused.h): the sums of
+# conv_dgrad_cuda and the elementwise passes' partials have ceil(M / CONV_TILE_M) rows.
 # Mirrored here for the fake impls; opcheck compares fake and real shapes, so a mismatch fails.
 CONV_TILE_M = 64
+# The forward's M tile of a 3x3 is an 8x8 block of output pixels of one image
+# (kConvSpatialTileH/W, conv_fwd_tiles_m in conv_fused.h), whichever 3x3 kernel runs.
+CONV_SPATIAL_TILE = 8
+
+
+def conv_fwd_tiles_m(n: int, h_out: int, w_out: int, ksize: int) -> int:
+    """P of conv_fwd_cuda's statistics partials [3, P, C_out] (conv_fwd_tiles_m in conv_fused.h):
+    ceil(M / 64) for a 1x1, N * ceil(H_out / 8) * ceil(W_out / 8) for a 3x3."""
+    if ksize == 1:
+        return (n * h_out * w_out + CONV_TILE_M - 1) // CONV_TILE_M
+    tile = CONV_SPATIAL_TILE
+    return n * ((h_out + tile - 1) // tile) * ((w_out + tile - 1) // tile)
 
 _lock = threading.Lock()
 _attempted = False
@@ -122,7 +134,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("resnet_fused::conv_fwd_cuda")
     def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
-                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift):
+                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0):
         torch._check(x.dim() == 4 and w.dim() == 4,
                      lambda: "resnet_fused.conv_fwd: x and w must be 4-D")
         n, _, h, wd = x.shape
@@ -131,8 +143,7 @@ def _register_fakes() -> None:
         out = _nhwc_empty((n, c_out, h_out, w_out), x)
         acc = _acc_dtype(x.dtype)
         if emit_stats:
-            tiles = (n * h_out * w_out + CONV_TILE_M - 1) // CONV_TILE_M
-            partials = x.new_empty((3, tiles, c_out), dtype=acc)
+            partials = x.new_empty((3, conv_fwd_tiles_m(n, h_out, w_out, ksize), c_out), dtype=acc)
         else:
             partials = x.new_empty((0,), dtype=acc)
         return out, partials

@@ -8,12 +8,19 @@ the multiply step differs there (tensor cores for fp16/bf16). The references are
 float64 (conv2d / aten.convolution_backward on explicitly computed activations and gradients)
 from the same input values, so input rounding is not counted as error.
 
-Tiles are 64 (M) x 64 (N) x 32 (K) (kConvTile* in conv_fused.h); the shapes are chosen so that
+Tiles are 64 (M) x 64 (N) x 32 (K) (kConvTile* in conv_fused.h); the forward of a 3x3 tiles M as
+8x8 blocks of output pixels of one image (conv_fwd_tiles_m), and its halo-staged kernel takes 32
+(16-bit), 16 (fp32) or 8 (fp64) input channels per staged chunk. The shapes are chosen so that
 some cases have several M tiles, several N tiles, partial tiles and several K steps per tap
 (asserted below), while the whole file stays fast.
+
+The host emulator starts every block with NaN-filled shared memory and runs the threads of a
+phase in a scrambled order (conv_tile.cuh), so reads of unwritten staging space and
+same-phase cross-thread reads fail these tests too, not only on the device.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import types
@@ -208,17 +215,23 @@ def _tiles(rows, cols_per_group, k_per_tap):
             "k": math.ceil(k_per_tap / TILE_K)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: c.name)
-def test_forward_matches_eager(kernels, case, dtype, gen):
-    x, w, kw = _fwd_inputs(case, dtype, gen)
+def _fwd_tiles(case: "FwdCase"):
     h_out, w_out = case.out_hw()
     tiles = _tiles(case.n * h_out * w_out, case.c_out // case.groups, case.c_in // case.groups)
+    tiles["m"] = _extension.conv_fwd_tiles_m(case.n, h_out, w_out, case.ksize)
+    return tiles
+
+
+def _check_forward(kernels, case: FwdCase, dtype, gen, **launch):
+    """Runs the forward of `case` once and checks the output and statistics against eager."""
+    x, w, kw = _fwd_inputs(case, dtype, gen)
+    h_out, w_out = case.out_hw()
+    tiles = _fwd_tiles(case)
     for axis, least in case.min_tiles.items():
         assert tiles[axis] >= least, (axis, tiles)
 
     kernels.reset_launch_counts()
-    out, partials = kernels.bn_relu_conv(x, w, **kw)
+    out, partials = kernels.bn_relu_conv(x, w, **kw, **launch)
     assert kernels.launch_counts()["conv_fwd_cuda"] == 1
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
 
@@ -236,12 +249,85 @@ def test_forward_matches_eager(kernels, case, dtype, gen):
     assert partials.shape == (3, tiles["m"], case.c_out) and partials.dtype == _acc(dtype)
     mean, var, count = _chan_merge(partials)
     assert torch.all(count == case.n * h_out * w_out)
+    assert torch.all(partials[0] >= 1)  # no empty tile: every spatial tile holds a valid pixel
     if case.post:
         return  # statistics are of the pre-post value, which the op does not return; see below
     ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
     spread = ref_var.sqrt() + ref_mean.abs()
-    assert ((mean - ref_mean).abs() / spread).max() <= STATS_TOL[dtype]
-    assert ((var - ref_var).abs() / ref_var).max() <= 10 * STATS_TOL[dtype]
+    stats_tol = STATS_TOL[dtype]
+    assert ((mean - ref_mean).abs() / spread).max() <= stats_tol
+    assert ((var - ref_var).abs() / ref_var).max() <= 10 * stats_tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: c.name)
+def test_forward_matches_eager(kernels, case, dtype, gen):
+    # The default kernel choice (the halo-staged kernel for the 3x3 cases).
+    _check_forward(kernels, case, dtype, gen)
+
+
+# The two 3x3 forward kernels (per-tap, halo-staged) on odd shapes: 7x7 and 5x6 inputs, H and W
+# not multiples of the 8x8 output tile (and tiles past both edges), stride 2, groups 2 and 4,
+# channels 3/12/20/40, batch 1 and 2, prologue on and off, statistics, post epilogue, shortcut
+# add (plain and subsampled) and projection, several staged channel chunks and several N tiles.
+HALO_CASES = [
+    FwdCase("s1_7x7_c3_to_12", 2, 3, 12, (7, 7)),
+    FwdCase("s1_9x10_c12_to_20_n1", 1, 12, 20, (9, 10), min_tiles={"m": 4}),
+    FwdCase("s2_5x6_g2", 2, 12, 20, (5, 6), stride=2, groups=2),
+    FwdCase("s2_17x18_g4_no_prologue", 1, 20, 12, (17, 18), stride=2, groups=4, prologue=False,
+            min_tiles={"m": 4}),
+    FwdCase("s1_g4_cinpg5_post", 2, 20, 20, (6, 5), groups=4, post=True),
+    FwdCase("s1_c40_to_72_chunks_post", 2, 40, 72, (7, 7), post=True, min_tiles={"n": 2}),
+    FwdCase("s1_add", 2, 12, 12, (6, 5), shortcut_kind=1),
+    FwdCase("s2_subsample_add", 2, 12, 20, (7, 7), stride=2, shortcut_kind=1, shortcut_stride=2),
+    FwdCase("s2_projection", 2, 12, 20, (7, 7), stride=2, shortcut_kind=2, shortcut_stride=2, shortcut_channels=5),
+    FwdCase("s1_projection_c40_no_stats", 1, 20, 12, (5, 6), shortcut_kind=2, shortcut_channels=40,
+            emit_stats=False),
+    FwdCase("s1_bn_like_mean100_std0.1", 2, 20, 12, (7, 7), data_mean=100.0, data_std=0.1),
+]
+
+
+@pytest.mark.parametrize("algo", ["per_tap", "halo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", HALO_CASES, ids=lambda c: c.name)
+def test_forward_3x3_kernels_match_eager(kernels, case, dtype, algo, gen):
+    _check_forward(kernels, case, dtype, gen, conv3x3_algo=algo)
+
+
+@pytest.mark.parametrize("algo", ["per_tap", "halo"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["s2_17x18_g4_no_prologue", "s1_c40_to_72_chunks_post", "s2_projection"])
+def test_forward_3x3_kernels_16bit(kernels, name, dtype, algo, gen):
+    case = next(c for c in HALO_CASES if c.name == name)
+    x, w, kw = _fwd_inputs(case, dtype, gen)
+    out, _ = kernels.bn_relu_conv(x, w, **kw, conv3x3_algo=algo)
+    y = _fwd_reference(case, x, w, kw, dtype)
+    if case.post:
+        y = torch.relu(y * kw["post_scale"].double().view(1, -1, 1, 1) + kw["post_shift"].double().view(1, -1, 1, 1))
+    _assert_close(out, y, TOL[dtype], f"16-bit {algo} output")
+
+
+def test_forward_3x3_algo_choice(kernels, gen, monkeypatch):
+    # auto runs the halo kernel for a 3x3 (bitwise the same result), the environment variable
+    # forces a kernel when the argument is not given, and both kernels agree to rounding.
+    case = next(c for c in HALO_CASES if c.name == "s2_projection")
+    x, w, kw = _fwd_inputs(case, torch.float32, gen)
+    monkeypatch.delenv("RESNET_FUSED_CUDA_CONV3X3", raising=False)
+    runs = {algo: kernels.bn_relu_conv(x, w, **kw, conv3x3_algo=algo) for algo in ("auto", "per_tap", "halo")}
+    default = kernels.bn_relu_conv(x, w, **kw)
+    monkeypatch.setenv("RESNET_FUSED_CUDA_CONV3X3", "per_tap")
+    from_env = kernels.bn_relu_conv(x, w, **kw)
+    for a, b in zip(runs["auto"], runs["halo"]):
+        assert torch.equal(a, b)
+    for a, b in zip(default, runs["halo"]):
+        assert torch.equal(a, b)
+    for a, b in zip(from_env, runs["per_tap"]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs["per_tap"][0], runs["halo"][0], rtol=1e-5, atol=1e-5)
+    assert runs["per_tap"][1].shape == runs["halo"][1].shape  # one partial layout for both
+    monkeypatch.setenv("RESNET_FUSED_CUDA_CONV3X3", "winograd")
+    with pytest.raises(ValueError, match="3x3 forward algorithm must be one of"):
+        kernels.bn_relu_conv(x, w, **kw)
 
 
 def test_forward_stats_with_post_are_of_the_stored_pre_post_value(kernels, gen):
@@ -439,7 +525,8 @@ def _wgrad_reference(case, v, g, pro, scale, shift):
     pad = case.ksize // 2
     w_shape = (case.c_out, case.c_in // case.groups, case.ksize, case.ksize)
     return torch.ops.aten.convolution_backward(
-        _dy(g, pro), _act(v, scale, shift), torch.empty(w_shape, dtype=torch.float64), None, [case.stride] * 2,
+        _dy(g, pro), _act(v, scale, shift), torch.empty(w_shape, dtype=torch.float64, device=v.device), None,
+        [case.stride] * 2,
         [pad] * 2, [1, 1], False, [0, 0], case.groups, [False, True, False])[1]
 
 
@@ -483,7 +570,7 @@ SCHEMAS = {
     "conv_fwd_cuda": "resnet_fused::conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, "
                      "int groups, Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, "
                      "Tensor? proj_scale, Tensor? proj_shift, bool emit_stats, Tensor? post_scale, "
-                     "Tensor? post_shift) -> (Tensor out, Tensor partials)",
+                     "Tensor? post_shift, int algo=0) -> (Tensor out, Tensor partials)",
     "conv_dgrad_cuda": "resnet_fused::conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, "
                        "Tensor mean, Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, "
                        "Tensor? pro_b, Tensor? pro_c, Tensor? second_grad, Tensor? second_w, int second_stride) "
@@ -564,7 +651,11 @@ def test_meta_tensors(ops):
     x = torch.empty(2, 5, 7, 7, device="meta")
     w = torch.empty(12, 5, 3, 3, device="meta")
     out, partials = ops.conv_fwd_cuda(x, w, None, None, 2, 1, None, 0, 1, None, None, None, True, None, None)
-    assert out.shape == (2, 12, 4, 4) and partials.shape == (3, 1, 12)
+    # A 3x3's statistics partials: one per 8x8 block of output pixels of one image.
+    assert out.shape == (2, 12, 4, 4) and partials.shape == (3, 2, 12)
+    w1 = torch.empty(12, 5, 1, 1, device="meta")
+    _, partials = ops.conv_fwd_cuda(x, w1, None, None, 1, 1, None, 0, 1, None, None, None, True, None, None)
+    assert partials.shape == (3, math.ceil(2 * 7 * 7 / TILE_M), 12)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -580,7 +671,7 @@ def _bad_calls(ops, gen):
     def fwd(**kw):
         args = dict(x=x, w=w, scale=None, shift=None, stride=1, groups=2, shortcut=None, shortcut_kind=0,
                     shortcut_stride=1, proj_w=None, proj_scale=None, proj_shift=None, emit_stats=False,
-                    post_scale=None, post_shift=None)
+                    post_scale=None, post_shift=None, algo=0)
         args.update(kw)
         return lambda: ops.conv_fwd_cuda(*args.values())
 
@@ -614,6 +705,10 @@ def _bad_calls(ops, gen):
         "dgrad_grad_shape": (dgrad(grad=g[:, :, :4]), "grad must be the conv output's gradient"),
         "dgrad_partial_prologue": (dgrad(pro_a=s), "needs all of pro_y, pro_a, pro_b and pro_c"),
         "dgrad_v_dtype": (dgrad(v=x.double()), "v has dtype Double"),
+        "fwd_bad_algo": (fwd(algo=3), "algo must be 0"),
+        "fwd_halo_for_1x1": (fwd(w=_weight(gen, (8, 3, 1, 1), torch.float32), algo=2),
+                             "runs 3x3 convs with stride 1 or 2 only"),
+        "fwd_halo_stride_3": (fwd(stride=3, algo=2), "runs 3x3 convs with stride 1 or 2 only"),
         "wgrad_ksize": (wgrad(ksize=2), "only 1x1 and 3x3"),
         "wgrad_grad_shape": (wgrad(stride=2), "is not the output gradient"),
     }
@@ -622,7 +717,8 @@ def _bad_calls(ops, gen):
 BAD_CALL_NAMES = ["fwd_x_3d", "fwd_w_dtype", "fwd_int_x", "fwd_wrong_groups", "fwd_groups_mismatch", "fwd_5x5",
                   "fwd_stride_0", "fwd_scale_without_shift", "fwd_scale_size", "fwd_scale_dtype",
                   "fwd_shortcut_kind_without_tensor", "fwd_shortcut_shape", "fwd_projection_without_weight",
-                  "dgrad_grad_shape", "dgrad_partial_prologue", "dgrad_v_dtype", "wgrad_ksize", "wgrad_grad_shape"]
+                  "fwd_bad_algo", "fwd_halo_for_1x1", "fwd_halo_stride_3", "dgrad_grad_shape",
+                  "dgrad_partial_prologue", "dgrad_v_dtype", "wgrad_ksize", "wgrad_grad_shape"]
 
 
 @pytest.mark.parametrize("name", BAD_CALL_NAMES)
@@ -688,9 +784,17 @@ def test_elementwise_passes(kernels, shape, dtype, gen):
                                             "stats_partials_cuda"}
 
 
-# --- the CUDA kernels against their host emulation ----------------------------------------
+# --- the CUDA kernels against their host emulation, and against eager at real shapes ------
+#
+# These run only where a GPU is present. They cover what the host emulator cannot: tensor-core
+# fragments (WMMA m16n16k16 in the per-tap kernels, m8n32k16 reading the staged patch in the halo
+# kernel), __syncthreads() placement, shared-memory limits and alignment, launch configuration,
+# and 64-bit index math at sizes the CPU tests never reach.
+
+needs_gpu = pytest.mark.skipif(not glob.glob("/dev/nvidia[0-9]*"), reason="needs a CUDA GPU")
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_cuda_matches_host(kernels, dtype, gen):
     if not torch.cuda.is_available():
@@ -698,13 +802,22 @@ def test_cuda_matches_host(kernels, dtype, gen):
     # fp16/bf16 multiply on tensor cores on the device and in fp32 on the host: same rounding
     # of the operands, different summation order.
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    for case in (FWD_CASES[5], FWD_CASES[7]):
+    fwd_runs = [(case, "auto") for case in (FWD_CASES[3], FWD_CASES[6])]  # 1x1 kernels
+    fwd_runs += [(case, algo) for case in HALO_CASES for algo in ("per_tap", "halo")]
+    for case, algo in fwd_runs:
         x, w, kw = _fwd_inputs(case, dtype, gen)
-        host = kernels.bn_relu_conv(x, w, **kw)
+        host = kernels.bn_relu_conv(x, w, **kw, conv3x3_algo=algo)
         to_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        dev = kernels.bn_relu_conv(x.cuda(), w.cuda(), **to_cuda)
+        dev = kernels.bn_relu_conv(x.cuda(), w.cuda(), **to_cuda, conv3x3_algo=algo)
         torch.cuda.synchronize()
-        _assert_close(dev[0].cpu(), host[0].double(), tol, f"{case.name} cuda vs host")
+        _assert_close(dev[0].cpu(), host[0].double(), tol, f"{case.name} {algo} cuda vs host")
+        if case.emit_stats:
+            assert dev[1].shape == host[1].shape
+            torch.testing.assert_close(dev[1][0].cpu(), host[1][0])  # counts: exact
+            mean_d, var_d, _ = _chan_merge(dev[1].cpu())
+            mean_h, var_h, _ = _chan_merge(host[1])
+            torch.testing.assert_close(mean_d, mean_h, rtol=10 * tol, atol=10 * tol)
+            torch.testing.assert_close(var_d, var_h, rtol=10 * tol, atol=10 * tol)
     case = DGRAD_CASES[-1]
     v, w, g, pro = _grad_inputs(case, dtype, gen)
     norm = _norm(gen, case.c_in, dtype, v)
@@ -715,7 +828,113 @@ def test_cuda_matches_host(kernels, dtype, gen):
     case = WGRAD_CASES[-1]
     v, _, g, pro = _grad_inputs(case, dtype, gen)
     scale, shift = _affine(gen, case.c_in, dtype, 0.3)
-    host = kernels.conv_wgrad(g, v, scale, shift, ksize=3, prologue=kernels.GradPrologue(*pro), splits=3)
-    dev = kernels.conv_wgrad(g.cuda(), v.cuda(), scale.cuda(), shift.cuda(), ksize=3,
+    host = kernels.conv_wgrad(g, v, scale, shift, ksize=case.ksize, prologue=kernels.GradPrologue(*pro), splits=3)
+    dev = kernels.conv_wgrad(g.cuda(), v.cuda(), scale.cuda(), shift.cuda(), ksize=case.ksize,
                              prologue=kernels.GradPrologue(*(t.cuda() for t in pro)), splits=3)
     _assert_close(dev.cpu(), host.double(), tol, "wgrad cuda vs host")
+
+
+# ResNet-50 / ResNeXt-50 32x4d layer shapes at batch 2 (channels and spatial sizes of the real
+# networks; batch 2 keeps eager's fp64 reference cheap): (name, n, c_in, c_out, hw, ksize, stride,
+# groups, shortcut_kind, shortcut_channels).
+REAL_FWD_SHAPES = [
+    ("conv2_x_1x1_256_to_64_56", 2, 256, 64, (56, 56), 1, 1, 1, 0, 0),
+    ("conv2_x_3x3_64_56", 2, 64, 64, (56, 56), 3, 1, 1, 0, 0),
+    ("conv3_x_3x3_s2_128_56_to_28", 2, 128, 128, (56, 56), 3, 2, 1, 0, 0),
+    ("conv4_x_3x3_256_14", 2, 256, 256, (14, 14), 3, 1, 1, 0, 0),
+    ("conv5_x_3x3_512_7", 2, 512, 512, (7, 7), 3, 1, 1, 0, 0),
+    ("conv5_x_1x1_512_to_2048_7_add", 2, 512, 2048, (7, 7), 1, 1, 1, 1, 0),
+    ("conv5_x_1x1_512_to_2048_projection_1024_s2", 2, 512, 2048, (7, 7), 1, 1, 1, 2, 1024),
+    ("resnext_conv2_3x3_128_g32_56", 2, 128, 128, (56, 56), 3, 1, 32, 0, 0),
+    ("resnext_conv3_3x3_s2_256_g32_56_to_28", 2, 256, 256, (56, 56), 3, 2, 32, 0, 0),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", REAL_FWD_SHAPES, ids=lambda s: s[0])
+def test_cuda_forward_real_shapes_match_eager(kernels, shape, dtype, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    name, n, c_in, c_out, hw, ksize, stride, groups, kind, sc_channels = shape
+    case = FwdCase(name, n, c_in, c_out, hw, ksize=ksize, stride=stride, groups=groups, shortcut_kind=kind,
+                   shortcut_stride=2 if kind == 2 else 1, shortcut_channels=sc_channels)
+    x, w, kw = _fwd_inputs(case, dtype, gen)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    kw_cuda = {k: cuda(v) for k, v in kw.items()}
+    ref = _fwd_reference(case, cuda(x), cuda(w), kw_cuda, dtype)
+    h_out, w_out = case.out_hw()
+    for algo in (("per_tap", "halo") if ksize == 3 else ("auto",)):
+        out, partials = kernels.bn_relu_conv(cuda(x), cuda(w), **kw_cuda, conv3x3_algo=algo)
+        torch.cuda.synchronize()
+        _assert_close(out, ref, TOL[dtype], f"{name} {algo}")
+        assert partials.shape == (3, _extension.conv_fwd_tiles_m(n, h_out, w_out, ksize), c_out)
+        mean, var, count = _chan_merge(partials)
+        assert torch.all(count == n * h_out * w_out)
+        ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+        assert ((mean - ref_mean).abs() / (ref_var.sqrt() + ref_mean.abs())).max() <= STATS_TOL[dtype]
+
+
+REAL_BWD_SHAPES = [
+    ("conv2_x_3x3_64_56", 2, 64, 64, (56, 56), 3, 1, 1),
+    ("conv3_x_3x3_s2_128_56_to_28", 2, 128, 128, (56, 56), 3, 2, 1),
+    ("conv5_x_1x1_2048_to_512_7", 2, 2048, 512, (7, 7), 1, 1, 1),
+    ("resnext_conv2_3x3_128_g32_56", 2, 128, 128, (56, 56), 3, 1, 32),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", REAL_BWD_SHAPES, ids=lambda s: s[0])
+def test_cuda_backward_real_shapes_match_eager(kernels, shape, dtype, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    name, n, c_in, c_out, hw, ksize, stride, groups = shape
+    case = BwdCase(name, n, c_in, c_out, hw, ksize=ksize, stride=stride, groups=groups)
+    v, w, g, pro = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _grad_inputs(case, dtype, gen))
+    pro = tuple(t.cuda() for t in pro)
+    scale, shift, mean, invstd = (t.cuda() for t in _norm(gen, c_in, dtype, v.cpu()))
+    pad = ksize // 2
+    g_masked, sums = kernels.conv_dgrad(g, w, v, scale, shift, mean, invstd, stride=stride, groups=groups,
+                                        prologue=kernels.GradPrologue(*pro))
+    d_a = torch.ops.aten.convolution_backward(
+        _dy(g, pro), v.double(), w.double(), None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], groups,
+        [True, False, False])[0]
+    mask = (v.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)) > 0
+    _assert_close(g_masked, d_a * mask, TOL[dtype], f"{name} dgrad")
+    torch.testing.assert_close(sums[0].double().sum(0), g_masked.double().sum((0, 2, 3)), rtol=1e-4, atol=1e-3)
+    dw = kernels.conv_wgrad(g, v, scale, shift, ksize=ksize, stride=stride, groups=groups,
+                            prologue=kernels.GradPrologue(*pro))
+    ref = _wgrad_reference(case, v, g, pro, scale, shift)
+    _assert_close(dw, ref, TOL[dtype], f"{name} wgrad")
+
+
+@needs_gpu
+def test_cuda_indices_past_2_to_the_31(kernels, gen):
+    # x has 2 * 64 * 4100 * 4100 > 2**31 elements: every offset into the second image is past
+    # int32. A 1x1 and both 3x3 kernels are compared with eager on the bottom-right 8x8 output
+    # pixels of the last image (a crop is exact for a 1x1; for the 3x3 the crop keeps its
+    # bottom/right padding and drops the first row and column, whose top/left neighbours it lacks).
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GB of GPU memory")
+    dtype = torch.bfloat16
+    n, c, side = 2, 64, 4100
+    assert n * c * side * side > 2**31
+    x = torch.empty((n, c, side, side), dtype=dtype, device="cuda", memory_format=torch.channels_last)
+    x.normal_(0.3, 1.0)
+    scale, shift = (t.cuda() for t in _affine(gen, c, dtype, 0.3))
+    crop = x[1:, :, -9:, -9:]
+    for ksize, algo in ((1, "auto"), (3, "per_tap"), (3, "halo")):
+        w = _weight(gen, (c, c, ksize, ksize), dtype).cuda()
+        out, partials = kernels.bn_relu_conv(x, w, scale=scale, shift=shift, emit_stats=True, conv3x3_algo=algo)
+        ref = F.conv2d(_act(crop, scale, shift), w.double(), padding=ksize // 2)[:, :, 1:, 1:]
+        _assert_close(out[1:, :, -8:, -8:], ref, TOL[dtype], f"{ksize}x{ksize} {algo} at the end of a >2^31 tensor")
+        assert torch.all(partials[0].double().sum(0) == n * side * side)  # > 2**24: sum in fp64
+        del out, partials
+    act = kernels.bn_relu_apply(x, scale, shift)
+    _assert_close(act[1:, :, -8:, -8:], _act(crop, scale, shift)[:, :, 1:, 1:], TOL[dtype], "bn_relu_apply")
+    del act
+    partials = kernels.channel_stats_partials(x)
+    assert torch.all(partials[0].double().sum(0) == n * side * side)

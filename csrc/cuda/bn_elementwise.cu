@@ -203,9 +203,10 @@ void run_ew_host(const typename Problem::Args& args) {
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       const EwBlock blk = ew_block(bx, by, args.M);
-      for (int tid = 0; tid < kThreads; ++tid) Problem::elementwise(blk, tid, *smem, args);
+      poison_host(*smem);  // see conv_tile.cuh: unwritten staging reads show up as NaN
+      for_each_thread_host([&](int tid) { Problem::elementwise(blk, tid, *smem, args); });
       if (Problem::kColumns) {
-        for (int tid = 0; tid < kThreads; ++tid) Problem::columns(blk, tid, *smem, args);
+        for_each_thread_host([&](int tid) { Problem::columns(blk, tid, *smem, args); });
       }
     }
   }

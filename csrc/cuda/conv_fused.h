@@ -22,7 +22,8 @@
 //   weights       PyTorch's (C_out, C_in/groups, k, k), contiguous, indexed directly
 //   vectors       scale/shift/mean/invstd/a/b/c: fp32 for fp32/fp16/bf16 data, fp64 for fp64
 //   partials      fwd [3, P, C_out] (count, mean, M2), dgrad [2, P, C_in] (sum g', sum g'*xhat),
-//                 P = number of M tiles = ceil(M / kConvTileM); accumulation type (fp32 / fp64)
+//                 P = number of M tiles: conv_fwd_tiles_m() for the forward (2-D spatial tiles
+//                 for a 3x3), ceil(M / kConvTileM) otherwise; accumulation type (fp32 / fp64)
 //
 // This header is included by the bindings (host compiler) and by the .cu files: no torch and
 // no device-only headers here.
@@ -52,6 +53,32 @@ inline int64_t conv_out_size(int64_t in, int ksize, int stride) {
 
 inline int64_t conv_tiles_m(int64_t rows) { return (rows + kConvTileM - 1) / kConvTileM; }
 
+// M tiles of the FORWARD conv, the one rule for the shape of its statistics partials [3, P, C_out]
+// (mirrored by the fake in resnet_fused/_extension.py):
+//   1x1: kConvTileM consecutive output rows, P = ceil(N*H_out*W_out / kConvTileM);
+//   3x3: a kConvSpatialTileH x kConvSpatialTileW block of output pixels of ONE image,
+//        P = N * ceil(H_out / 8) * ceil(W_out / 8); rows of the block past the image edge are
+//        invalid (they count in no partial).
+// Both 3x3 kernels (per-tap and halo, ConvFwdAlgo) use the spatial tiles, so P does not depend
+// on which one runs. The halo kernel needs them (the tile's input patch is one rectangle); 8x8
+// wastes at most 12.5% more MMA rows than the best block shape at ResNet's 56/28/14/7 widths.
+constexpr int kConvSpatialTileH = 8;
+constexpr int kConvSpatialTileW = 8;
+static_assert(kConvSpatialTileH * kConvSpatialTileW == kConvTileM, "a spatial tile is one M tile");
+
+inline int64_t conv_fwd_tiles_m(int64_t N, int64_t H_out, int64_t W_out, int ksize) {
+  if (ksize == 1) return conv_tiles_m(N * H_out * W_out);
+  return N * ((H_out + kConvSpatialTileH - 1) / kConvSpatialTileH) *
+         ((W_out + kConvSpatialTileW - 1) / kConvSpatialTileW);
+}
+
+// Which forward kernel runs a conv: kConvFwdAuto picks the halo-staged kernel for every 3x3 with
+// stride 1 or 2 (any groups) and the per-tap kernel otherwise; the other two force one (halo only
+// where it applies, see conv_fwd_halo_applies).
+enum ConvFwdAlgo : int { kConvFwdAuto = 0, kConvFwdPerTap = 1, kConvFwdHalo = 2 };
+
+inline bool conv_fwd_halo_applies(int ksize, int stride) { return ksize == 3 && (stride == 1 || stride == 2); }
+
 // Forward: out[m, n] = sum_{tap, k} act(x)[in_row(m, tap), group*cin_pg + k] * W[n, k, tap].
 // Pointers to vectors may be null: scale == null means no prologue (act = identity),
 // post_scale == null no post epilogue, partials == null no statistics.
@@ -75,7 +102,12 @@ struct ConvFwdParams {
   void* partials;  // [3, P, C_out]
   const void* post_scale;  // out = relu(out * post_scale + post_shift)
   const void* post_shift;
+  int algo;  // ConvFwdAlgo
 };
+
+inline bool conv_fwd_uses_halo(const ConvFwdParams& p) {
+  return p.algo != kConvFwdPerTap && conv_fwd_halo_applies(p.ksize, p.stride);
+}
 
 // dgrad: for every input position p and input channel c,
 //   dA[p, c] = sum_{tap, k in c's group} dy[o(p, tap), k] * W[k, c_local, tap]
@@ -148,7 +180,11 @@ inline ConvWgradPlan conv_wgrad_plan(int64_t rows, int64_t requested) {
 }
 
 // Launch on `stream`; return the launch error. Never synchronise, never allocate.
+// conv_fwd_cuda / conv_fwd_host run the kernel conv_fwd_uses_halo() picks; the *_halo_* entry
+// points are that kernel itself (conv_fwd_halo.cu; only for conv_fwd_halo_applies shapes).
 cudaError_t conv_fwd_cuda(const ConvFwdParams& p, ConvDtype dtype, cudaStream_t stream);
+cudaError_t conv_fwd_halo_cuda(const ConvFwdParams& p, ConvDtype dtype, cudaStream_t stream);
+void conv_fwd_halo_host(const ConvFwdParams& p, ConvDtype dtype);
 cudaError_t conv_dgrad_cuda(const ConvDgradParams& p, ConvDtype dtype, cudaStream_t stream);
 cudaError_t conv_wgrad_cuda(const ConvWgradParams& p, ConvDtype dtype, cudaStream_t stream);
 

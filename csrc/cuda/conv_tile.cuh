@@ -11,15 +11,16 @@
 //
 // conv_gemm_kernel runs the phases on the GPU with __syncthreads() between them.
 // run_blocks_host runs them on the CPU for every block, looping over all 256 thread indices of a
-// phase before starting the next one, with TileSmem as an ordinary host object: the same code,
+// phase (in a scrambled order, on NaN-poisoned storage; see the emulator section) before
+// starting the next one, with TileSmem as an ordinary host object: the same code,
 // the same predicates, the same partial layouts, so CPU tests exercise what the GPU runs. Only
 // the multiply step differs: fp16/bf16 use tensor cores (WMMA fragments on the shared tiles) on
 // the device, everything else (and the host) a plain per-thread 4x4 register tile.
 //
 // Correctness first; tuning ideas, in the order they are expected to pay (DESIGN section 7):
 //   * double-buffer the A/B tiles with cp.async (or TMA) so loads overlap the MMAs;
-//   * for 3x3, stage the activated halo tile once in shared memory and run the 9 taps from it
-//     (the prologue then runs once per element instead of nine times);
+//   * (done for the 3x3 forward: conv_fwd_halo.cu stages the activated input patch of an 8x8
+//     output tile once and runs the 9 taps from it; the dgrad/wgrad 3x3 still load per tap);
 //   * pack the weights K-major once per step (they are indexed in PyTorch's layout now, which
 //     makes the B loads strided), use ldmatrix + mma.sync or wgmma with 128x128 tiles;
 //   * statistics epilogue: a warp-shuffle tree instead of one thread per column.
@@ -29,6 +30,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -128,8 +130,8 @@ RF_HD void relu_sums_column(const Acc* g_col, int ld, int rows, const T* v_col, 
   sums[plane + at] = sum_xhat;
 }
 
-// (count, mean, M2) of `rows` values of a staged tile column, two passes (exact within the
-// tile), written to partials[at], [plane + at], [2 plane + at] (layout [3, P, C]).
+// (count, mean, M2) of the first `rows` values of a staged tile column, two passes (exact within
+// the tile), written to partials[at], [plane + at], [2 plane + at] (layout [3, P, C]).
 template <typename Acc>
 RF_HD void stats_column(const Acc* col, int ld, int rows, Acc* partials, int64_t plane, int64_t at) {
   Acc sum = Acc(0);
@@ -145,16 +147,42 @@ RF_HD void stats_column(const Acc* col, int ld, int rows, Acc* partials, int64_t
   partials[2 * plane + at] = m2;
 }
 
+// The same for tiles whose valid rows are not a prefix (the 2-D spatial M tiles of the 3x3
+// forward, conv_fused.h): row r counts when row_n[r] >= 0; rows in ascending order.
+template <typename Acc>
+RF_HD void stats_column_rows(const Acc* col, int ld, const int* row_n, Acc* partials, int64_t plane, int64_t at) {
+  int count = 0;
+  Acc sum = Acc(0);
+  for (int r = 0; r < kBM; ++r) {
+    if (row_n[r] < 0) continue;
+    sum += col[r * ld];
+    ++count;
+  }
+  const Acc mean = count > 0 ? sum / static_cast<Acc>(count) : Acc(0);
+  Acc m2 = Acc(0);
+  for (int r = 0; r < kBM; ++r) {
+    if (row_n[r] < 0) continue;
+    const Acc d = col[r * ld] - mean;
+    m2 += d * d;
+  }
+  partials[at] = static_cast<Acc>(count);
+  partials[plane + at] = mean;
+  partials[2 * plane + at] = m2;
+}
+
 // ---- shared storage -------------------------------------------------------------------------
 
 // Raw bytes (no constructors, so it can be a __shared__ variable): the A and B operand tiles
-// of one K step, and over the same bytes after the main loop the accumulator tile C.
-template <typename T, typename Acc>
+// of one K step, and over the same bytes after the main loop the accumulator tile C. A kernel
+// that needs more staging space (the halo forward, conv_fwd_halo.cu) asks for kMinRawBytes; the
+// A/B/C views stay at the start of raw, so the phase functions work on either size.
+template <typename T, typename Acc, size_t kMinRawBytes = 0>
 struct TileSmem {
   static constexpr size_t kABytes = sizeof(T) * kBM * kLdA;
   static constexpr size_t kBBytes = sizeof(T) * kBK * kLdB;
   static constexpr size_t kCBytes = sizeof(Acc) * kBM * kLdC;
-  static constexpr size_t kBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
+  static constexpr size_t kGemmBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
+  static constexpr size_t kBytes = kGemmBytes > kMinRawBytes ? kGemmBytes : kMinRawBytes;
   static_assert(kABytes % 32 == 0, "B tile must stay 32-byte aligned for WMMA");
 
   alignas(128) unsigned char raw[kBytes];
@@ -189,8 +217,8 @@ RF_HD void mma_zero_simt(SimtAcc<Acc>& acc) {
   }
 }
 
-template <typename T, typename Acc>
-RF_HD void mma_step_simt(int tid, const TileSmem<T, Acc>& s, SimtAcc<Acc>& acc) {
+template <typename T, typename Acc, size_t R>
+RF_HD void mma_step_simt(int tid, const TileSmem<T, Acc, R>& s, SimtAcc<Acc>& acc) {
   const int tr = tid / 16, tc = tid % 16;
   const T* a = s.a();
   const T* b = s.b();
@@ -209,8 +237,8 @@ RF_HD void mma_step_simt(int tid, const TileSmem<T, Acc>& s, SimtAcc<Acc>& acc) 
   }
 }
 
-template <typename T, typename Acc>
-RF_HD void mma_stash_simt(int tid, const SimtAcc<Acc>& acc, TileSmem<T, Acc>& s) {
+template <typename T, typename Acc, size_t R>
+RF_HD void mma_stash_simt(int tid, const SimtAcc<Acc>& acc, TileSmem<T, Acc, R>& s) {
   const int tr = tid / 16, tc = tid % 16;
   Acc* c = s.c();
   RF_UNROLL
@@ -227,8 +255,14 @@ template <typename T, typename Acc>
 struct DeviceMma {
   SimtAcc<Acc> acc;
   __device__ __forceinline__ void zero() { mma_zero_simt(acc); }
-  __device__ __forceinline__ void step(int tid, const TileSmem<T, Acc>& s) { mma_step_simt(tid, s, acc); }
-  __device__ __forceinline__ void stash(int tid, TileSmem<T, Acc>& s) { mma_stash_simt(tid, acc, s); }
+  template <size_t R>
+  __device__ __forceinline__ void step(int tid, const TileSmem<T, Acc, R>& s) {
+    mma_step_simt(tid, s, acc);
+  }
+  template <size_t R>
+  __device__ __forceinline__ void stash(int tid, TileSmem<T, Acc, R>& s) {
+    mma_stash_simt(tid, acc, s);
+  }
 };
 
 template <typename T>
@@ -238,7 +272,8 @@ struct WmmaMma {
     nvcuda::wmma::fill_fragment(frag[0], 0.0f);
     nvcuda::wmma::fill_fragment(frag[1], 0.0f);
   }
-  __device__ __forceinline__ void step(int tid, const TileSmem<T, float>& s) {
+  template <size_t R>
+  __device__ __forceinline__ void step(int tid, const TileSmem<T, float, R>& s) {
     const int warp = tid / 32;
     const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
 #pragma unroll
@@ -253,7 +288,8 @@ struct WmmaMma {
       }
     }
   }
-  __device__ __forceinline__ void stash(int tid, TileSmem<T, float>& s) {
+  template <size_t R>
+  __device__ __forceinline__ void stash(int tid, TileSmem<T, float, R>& s) {
     const int warp = tid / 32;
     const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
 #pragma unroll
@@ -269,9 +305,10 @@ template <>
 struct DeviceMma<__nv_bfloat16, float> : WmmaMma<__nv_bfloat16> {};
 
 // One thread block of `Problem`; the phase order is the definition of the algorithm and is
-// mirrored exactly by run_blocks_host below.
+// mirrored exactly by run_blocks_host below. At least 2 resident blocks per SM: caps registers
+// at 128 a thread (without it ptxas gave the fp16 forward 154, one block of 8 warps per SM).
 template <class Problem>
-__global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const typename Problem::Args args) {
+__global__ void __launch_bounds__(kThreads, 2) conv_gemm_kernel(const typename Problem::Args args) {
   using T = typename Problem::T;
   using Acc = typename Problem::Acc;
   __shared__ TileSmem<T, Acc> smem;
@@ -303,8 +340,29 @@ cudaError_t launch_blocks(const typename Problem::Args& args, dim3 grid, cudaStr
 }
 #endif  // __CUDACC__
 
-// The CPU thread-block emulator: every block of the grid, every phase over all thread indices
-// before the next phase (which is what __syncthreads() guarantees on the device).
+// ---- the CPU thread-block emulator ------------------------------------------------------------
+//
+// Two things the emulator does so that host runs catch what only the device would show:
+//  * shared memory starts every block as all-ones bytes, a NaN in every floating type, so a
+//    phase that reads staging space nothing wrote in this block (a partial tile, a pitch pad)
+//    turns the result into NaN instead of silently reusing the previous block's values;
+//  * the threads of one phase run in a scrambled order (a fixed permutation of 0..255), so a
+//    phase that reads what another thread writes in the SAME phase (a missing __syncthreads())
+//    does not pass by accident of ascending order.
+template <class Smem>
+void poison_host(Smem& s) {
+  std::memset(s.raw, 0xff, sizeof(s.raw));
+}
+
+// tid = (i * 97) mod 256 visits every thread once (97 is odd).
+template <class F>
+void for_each_thread_host(F&& f) {
+  static_assert((kThreads & (kThreads - 1)) == 0, "the permutation needs a power-of-two block");
+  for (int i = 0; i < kThreads; ++i) f((i * 97) & (kThreads - 1));
+}
+
+// Every block of the grid, every phase over all thread indices before the next phase (which is
+// what __syncthreads() guarantees on the device).
 template <class Problem>
 void run_blocks_host(const typename Problem::Args& args, dim3 grid) {
   using T = typename Problem::T;
@@ -315,16 +373,17 @@ void run_blocks_host(const typename Problem::Args& args, dim3 grid) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         const typename Problem::Block blk = Problem::block(bx, by, bz, args);
-        for (int tid = 0; tid < kThreads; ++tid) Problem::setup(blk, tid, *smem, args);
-        for (int tid = 0; tid < kThreads; ++tid) mma_zero_simt(acc[tid]);
+        poison_host(*smem);
+        for_each_thread_host([&](int tid) { Problem::setup(blk, tid, *smem, args); });
+        for_each_thread_host([&](int tid) { mma_zero_simt(acc[tid]); });
         const int steps = Problem::num_steps(blk, args);
         for (int step = 0; step < steps; ++step) {
-          for (int tid = 0; tid < kThreads; ++tid) Problem::load(blk, step, tid, *smem, args);
-          for (int tid = 0; tid < kThreads; ++tid) mma_step_simt(tid, *smem, acc[tid]);
+          for_each_thread_host([&](int tid) { Problem::load(blk, step, tid, *smem, args); });
+          for_each_thread_host([&](int tid) { mma_step_simt(tid, *smem, acc[tid]); });
         }
-        for (int tid = 0; tid < kThreads; ++tid) mma_stash_simt(tid, acc[tid], *smem);
-        for (int tid = 0; tid < kThreads; ++tid) Problem::epilogue_elementwise(blk, tid, *smem, args);
-        for (int tid = 0; tid < kThreads; ++tid) Problem::epilogue_columns(blk, tid, *smem, args);
+        for_each_thread_host([&](int tid) { mma_stash_simt(tid, acc[tid], *smem); });
+        for_each_thread_host([&](int tid) { Problem::epilogue_elementwise(blk, tid, *smem, args); });
+        for_each_thread_host([&](int tid) { Problem::epilogue_columns(blk, tid, *smem, args); });
       }
     }
   }

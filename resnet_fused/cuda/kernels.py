@@ -5,13 +5,19 @@ Triton launchers do, calls one ``torch.ops.resnet_fused.*_cuda`` op and records 
 tests can assert that the C++ kernels ran rather than a fallback. The ops check their inputs
 (csrc/bindings.cpp), accept NCHW or channels_last tensors and return channels_last ones.
 
-Layouts: ``partials`` of ``bn_relu_conv`` are [3, P, C_out] (count, mean, M2) per M tile and
-``sums`` of ``conv_dgrad`` [2, P, C_in] (sum g', sum g' * xhat), P = ceil(M / 64), in fp32 (fp64
-for fp64 data): the same layouts as the Triton kernels', so ``bn_finalize`` and
-``bn_backward_coefficients`` merge either.
+Layouts: ``partials`` of ``bn_relu_conv`` are [3, P, C_out] (count, mean, M2) per M tile, with
+P = ``_extension.conv_fwd_tiles_m`` (ceil(M / 64) for a 1x1; one tile per 8x8 block of output
+pixels of one image for a 3x3), and ``sums`` of ``conv_dgrad`` [2, P, C_in] (sum g', sum g' * xhat),
+P = ceil(M / 64), in fp32 (fp64 for fp64 data): per-tile states with their own counts, as the
+Triton kernels' are, so ``bn_finalize`` and ``bn_backward_coefficients`` merge either.
+
+The 3x3 forward has two C++ kernels (csrc/cuda/conv_fwd.cu, conv_fwd_halo.cu): ``conv3x3_algo``
+(or the environment variable RESNET_FUSED_CUDA_CONV3X3, read at each call) picks "auto" (the
+halo-staged kernel for stride 1 and 2, the C++ launcher's rule), "per_tap" or "halo".
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Optional
 
@@ -43,6 +49,19 @@ def _ops():
     return torch.ops.resnet_fused
 
 
+# ConvFwdAlgo of csrc/cuda/conv_fused.h.
+CONV3X3_ALGOS = {"auto": 0, "per_tap": 1, "halo": 2}
+CONV3X3_ALGO_ENV = "RESNET_FUSED_CUDA_CONV3X3"
+
+
+def _conv3x3_algo(name: Optional[str]) -> int:
+    name = name if name is not None else (os.environ.get(CONV3X3_ALGO_ENV, "").strip() or "auto")
+    if name not in CONV3X3_ALGOS:
+        raise ValueError(f"3x3 forward algorithm must be one of {sorted(CONV3X3_ALGOS)} (argument conv3x3_algo or "
+                         f"{CONV3X3_ALGO_ENV}), got {name!r}")
+    return CONV3X3_ALGOS[name]
+
+
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
@@ -70,6 +89,7 @@ def bn_relu_conv(
     emit_stats: bool = False,
     post_scale: Optional[Tensor] = None,
     post_shift: Optional[Tensor] = None,
+    conv3x3_algo: Optional[str] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues (C++ kernel).
 
@@ -78,15 +98,18 @@ def bn_relu_conv(
     relu(shortcut * proj_scale + proj_shift) times ``proj_weight``; ``emit_stats`` returns the
     statistics partials of the stored output; ``post_scale``/``post_shift`` store
     relu(out * post_scale + post_shift) instead (eval mode's folded next BN).
+    ``conv3x3_algo``: "auto" | "per_tap" | "halo" (None: RESNET_FUSED_CUDA_CONV3X3, else "auto");
+    it only matters for a 3x3, and "halo" needs stride 1 or 2.
     Returns (out in channels_last, partials [3, P, C_out] or None).
     """
     ops = _ops()
     dtype = x.dtype
+    algo = _conv3x3_algo(conv3x3_algo) if weight.shape[-1] == 3 else 0
     _LAUNCHES["conv_fwd_cuda"] += 1
     out, partials = ops.conv_fwd_cuda(
         x, weight.to(dtype), scale, shift, stride, groups,
         _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
-        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift)
+        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
     return out, (partials if emit_stats else None)
 
 
