@@ -40,7 +40,7 @@ def test_training_steps_track_the_reference(gen):
     reset_launch_counts()
     with forced_configs(**TILES):
         for _ in range(3):
-            x = torch.randn(4, 3, 32, 32, generator=gen).to(DEVICE)
+            x = torch.randn(4, 3, 20, 20, generator=gen).to(DEVICE)
             target = torch.randint(0, 5, (4,), generator=gen).to(DEVICE)
             for key, model, opt in (("fused", fused, opts[0]), ("eager", eager, opts[1])):
                 opt.zero_grad(set_to_none=True)
@@ -60,7 +60,7 @@ def test_compiled_model_fullgraph(gen):
     backward, same outputs and gradients as eager."""
     fused, eager = tiny_models(gen)
     compiled = torch.compile(fused, fullgraph=True)
-    x = torch.randn(2, 3, 32, 32, generator=gen).to(DEVICE)
+    x = torch.randn(2, 3, 20, 20, generator=gen).to(DEVICE)
     with forced_configs(**TILES):
         reset_launch_counts()
         out = compiled(x)
