@@ -23,9 +23,9 @@ TILES = dict(conv=ConvConfig(32, 16, 16, 4, 1), stats=StatsConfig(32, 16, 4),
              backward=BackwardConfig(32, 16, 16, 4, 1), strategy="fused")  # GPU default: hybrid
 
 
-def tiny_models(gen):
+def tiny_models(gen, backend="triton"):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    fused = rf.ResNetV2(TINY, num_classes=5, backend="triton").to(DEVICE)
+    fused = rf.ResNetV2(TINY, num_classes=5, backend=backend).to(DEVICE)
     randomize_bn(fused, gen)
     eager = rf.ResNetV2(TINY, num_classes=5, backend="reference").to(DEVICE)
     eager.load_state_dict(fused.state_dict())
@@ -105,10 +105,13 @@ def test_backward_ops_opcheck(kind, gen):
 
 
 @requires_cuda
-def test_training_step_captures_in_a_cuda_graph(gen):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_training_step_captures_in_a_cuda_graph(backend, gen):
     """A whole training step (forward, backward, SGD) of a fused model captures and replays: no
     host synchronisation inside the ops."""
-    fused, eager = tiny_models(gen)
+    if backend == "cuda" and not rf._extension.is_available():
+        pytest.skip(f"resnet_fused._C is not available: {rf._extension.unavailable_reason()}")
+    fused, eager = tiny_models(gen, backend)
     fused = fused.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(fused.parameters(), lr=0.01, capturable=True) if "capturable" in \
         torch.optim.SGD.__init__.__code__.co_varnames else torch.optim.SGD(fused.parameters(), lr=0.01)
