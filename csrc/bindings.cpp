@@ -26,22 +26,27 @@
 namespace resnet_fused {
 namespace {
 
-BnStatsDtype to_bn_stats_dtype(at::ScalarType dtype) {
+// The kernels' code for a torch dtype: Code is BnStatsDtype or ConvDtype (the same four names).
+template <class Code>
+Code dtype_code(const char* op, const char* name, at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
-      return BnStatsDtype::kFloat32;
+      return Code::kFloat32;
     case at::kHalf:
-      return BnStatsDtype::kFloat16;
+      return Code::kFloat16;
     case at::kBFloat16:
-      return BnStatsDtype::kBFloat16;
+      return Code::kBFloat16;
     case at::kDouble:
-      return BnStatsDtype::kFloat64;
+      return Code::kFloat64;
     default:
       break;
   }
-  TORCH_CHECK(false, "resnet_fused.bn_stats: x must be float32, float16, bfloat16 or float64, got ",
-              dtype);
-  return BnStatsDtype::kFloat32;  // unreachable: TORCH_CHECK(false) throws
+  TORCH_CHECK(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
+  return Code::kFloat32;  // unreachable: TORCH_CHECK(false) throws
+}
+
+BnStatsDtype to_bn_stats_dtype(at::ScalarType dtype) {
+  return dtype_code<BnStatsDtype>("resnet_fused.bn_stats", "x", dtype);
 }
 
 // Checks x and describes it as [N, C, HW] with element strides.
@@ -122,20 +127,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu_impl(const at::Tensor& x) {
 using OptTensor = std::optional<at::Tensor>;
 
 ConvDtype to_conv_dtype(const char* op, const char* name, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return ConvDtype::kFloat32;
-    case at::kHalf:
-      return ConvDtype::kFloat16;
-    case at::kBFloat16:
-      return ConvDtype::kBFloat16;
-    case at::kDouble:
-      return ConvDtype::kFloat64;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
-  return ConvDtype::kFloat32;
+  return dtype_code<ConvDtype>(op, name, dtype);
 }
 
 at::ScalarType acc_dtype_of(at::ScalarType data) { return data == at::kDouble ? at::kDouble : at::kFloat; }
@@ -198,6 +190,16 @@ void check_conv_geometry(const char* op, int64_t stride, int64_t groups, int64_t
               " must divide both the input channels (", c_in, ") and the output channels (", c_out, ")");
 }
 
+// The forward/dgrad weight w (C_out, C_in/groups, k, k) against the conv input (`in_name`, C_in
+// channels): a square kernel, check_conv_geometry, and C_in/groups input channels per group.
+void check_conv_weight(const char* op, const at::Tensor& w, int64_t stride, int64_t groups, int64_t c_in,
+                       const char* in_name) {
+  TORCH_CHECK(w.size(2) == w.size(3), op, ": the kernel must be square, got w of shape ", w.sizes());
+  check_conv_geometry(op, stride, groups, w.size(2), c_in, w.size(0));
+  TORCH_CHECK(w.size(1) * groups == c_in, op, ": w of shape ", w.sizes(), " with groups=", groups, " expects ",
+              w.size(1) * groups, " input channels, but ", in_name, " has ", c_in);
+}
+
 at::Tensor empty_nhwc(int64_t n, int64_t c, int64_t h, int64_t w, const at::Tensor& like) {
   return at::empty({n, c, h, w}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
@@ -209,6 +211,18 @@ const void* ptr_or_null(const std::optional<T>& t) {
 
 void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Runs `launch_cuda(stream)` under a device guard on t's device, or `run_host()`.
+template <class Cuda, class Host>
+void run_on(const char* op, bool on_cuda, const at::Tensor& t, Cuda launch_cuda, Host run_host) {
+  if (on_cuda) {
+    TORCH_CHECK(t.is_cuda(), op, ": the CUDA kernel got a tensor on ", t.device());
+    const c10::cuda::CUDAGuard device_guard(t.device());
+    check_launch(op, launch_cuda(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()));
+  } else {
+    run_host();
+  }
 }
 
 // The BN-backward prologue dy = a*g + b*y + c on a gradient operand: all four or none.
@@ -247,10 +261,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   const at::Tensor w = weight(op, "w", w_in, x_in, false);
   const int64_t N = x.size(0), C_in = x.size(1), H_in = x.size(2), W_in = x.size(3);
   const int64_t C_out = w.size(0), ksize = w.size(2);
-  TORCH_CHECK(w.size(2) == w.size(3), op, ": the kernel must be square, got w of shape ", w.sizes());
-  check_conv_geometry(op, stride, groups, ksize, C_in, C_out);
-  TORCH_CHECK(w.size(1) * groups == C_in, op, ": w of shape ", w.sizes(), " with groups=", groups, " expects ",
-              w.size(1) * groups, " input channels, but x has ", C_in);
+  check_conv_weight(op, w, stride, groups, C_in, "x");
   const int64_t H_out = conv_out_size(H_in, static_cast<int>(ksize), static_cast<int>(stride));
   const int64_t W_out = conv_out_size(W_in, static_cast<int>(ksize), static_cast<int>(stride));
   TORCH_CHECK(H_out >= 1 && W_out >= 1, op, ": the output would be empty for input ", x.sizes());
@@ -344,14 +355,36 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.post_shift = ptr_or_null(post_b);
   p.algo = static_cast<int>(algo);
 
-  if (on_cuda) {
-    TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
-    const c10::cuda::CUDAGuard device_guard(x.device());
-    check_launch(op, conv_fwd_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
-  } else {
-    conv_fwd_host(p, dtype);
-  }
+  run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); },
+         [&] { conv_fwd_host(p, dtype); });
   return {out, partials};
+}
+
+// Fields ConvDgradParams and ConvWgradParams share (same names in both).
+// The gradient operand and its optional prologue dy = pro_a*grad + pro_b*pro_y + pro_c.
+template <class Params>
+void set_grad_operand(Params& p, const at::Tensor& grad, const GradPrologueTensors& pro) {
+  p.g = grad.const_data_ptr();
+  p.pro_y = ptr_or_null(pro.y);
+  p.pro_a = ptr_or_null(pro.a);
+  p.pro_b = ptr_or_null(pro.b);
+  p.pro_c = ptr_or_null(pro.c);
+}
+
+// The conv geometry; N, C_in, H, W are the sizes of the conv input v (N, C_in, H, W).
+template <class Params>
+void set_backward_geometry(Params& p, const at::Tensor& v, int64_t H_out, int64_t W_out, int64_t C_out, int64_t ksize,
+                           int64_t stride, int64_t groups) {
+  p.N = v.size(0);
+  p.H = v.size(2);
+  p.W = v.size(3);
+  p.C_in = v.size(1);
+  p.H_out = H_out;
+  p.W_out = W_out;
+  p.C_out = C_out;
+  p.ksize = static_cast<int>(ksize);
+  p.stride = static_cast<int>(stride);
+  p.groups = static_cast<int>(groups);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& w_in,
@@ -369,10 +402,7 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tenso
   const at::Tensor w = weight(op, "w", w_in, grad_in, false);
   const int64_t N = v.size(0), C_in = v.size(1), H = v.size(2), W = v.size(3);
   const int64_t C_out = w.size(0), ksize = w.size(2);
-  TORCH_CHECK(w.size(2) == w.size(3), op, ": the kernel must be square, got w of shape ", w.sizes());
-  check_conv_geometry(op, stride, groups, ksize, C_in, C_out);
-  TORCH_CHECK(w.size(1) * groups == C_in, op, ": w of shape ", w.sizes(), " with groups=", groups, " expects ",
-              w.size(1) * groups, " input channels, but v has ", C_in);
+  check_conv_weight(op, w, stride, groups, C_in, "v");
   const int64_t H_out = conv_out_size(H, static_cast<int>(ksize), static_cast<int>(stride));
   const int64_t W_out = conv_out_size(W, static_cast<int>(ksize), static_cast<int>(stride));
   TORCH_CHECK(grad.size(0) == N && grad.size(1) == C_out && grad.size(2) == H_out && grad.size(3) == W_out, op,
@@ -408,11 +438,7 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tenso
   at::Tensor sums = at::empty({2, conv_tiles_m(M), C_in}, grad.options().dtype(acc_dtype_of(grad.scalar_type())));
 
   ConvDgradParams p{};
-  p.g = grad.const_data_ptr();
-  p.pro_y = ptr_or_null(pro.y);
-  p.pro_a = ptr_or_null(pro.a);
-  p.pro_b = ptr_or_null(pro.b);
-  p.pro_c = ptr_or_null(pro.c);
+  set_grad_operand(p, grad, pro);
   p.w = w.const_data_ptr();
   p.second_grad = ptr_or_null(g2);
   p.second_w = ptr_or_null(w2);
@@ -427,24 +453,10 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tenso
   p.invstd = invstd_a.const_data_ptr();
   p.out = out.mutable_data_ptr();
   p.sums = sums.mutable_data_ptr();
-  p.N = N;
-  p.H = H;
-  p.W = W;
-  p.C_in = C_in;
-  p.H_out = H_out;
-  p.W_out = W_out;
-  p.C_out = C_out;
-  p.ksize = static_cast<int>(ksize);
-  p.stride = static_cast<int>(stride);
-  p.groups = static_cast<int>(groups);
+  set_backward_geometry(p, v, H_out, W_out, C_out, ksize, stride, groups);
 
-  if (on_cuda) {
-    TORCH_CHECK(grad.is_cuda(), op, ": the CUDA kernel got a tensor on ", grad.device());
-    const c10::cuda::CUDAGuard device_guard(grad.device());
-    check_launch(op, conv_dgrad_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream()));
-  } else {
-    conv_dgrad_host(p, dtype);
-  }
+  run_on(op, on_cuda, grad, [&](cudaStream_t st) { return conv_dgrad_cuda(p, dtype, st); },
+         [&] { conv_dgrad_host(p, dtype); });
   return {out, sums};
 }
 
@@ -478,36 +490,18 @@ at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Te
                                    grad.options().dtype(acc_dtype_of(grad.scalar_type())));
 
   ConvWgradParams p{};
-  p.g = grad.const_data_ptr();
-  p.pro_y = ptr_or_null(pro.y);
-  p.pro_a = ptr_or_null(pro.a);
-  p.pro_b = ptr_or_null(pro.b);
-  p.pro_c = ptr_or_null(pro.c);
+  set_grad_operand(p, grad, pro);
   p.v = v.const_data_ptr();
   p.scale = scale_a.const_data_ptr();
   p.shift = shift_a.const_data_ptr();
   p.workspace = workspace.mutable_data_ptr();
   p.dw = dw.mutable_data_ptr();
-  p.N = N;
-  p.H = H;
-  p.W = W;
-  p.C_in = C_in;
-  p.H_out = H_out;
-  p.W_out = W_out;
-  p.C_out = C_out;
-  p.ksize = static_cast<int>(ksize);
-  p.stride = static_cast<int>(stride);
-  p.groups = static_cast<int>(groups);
+  set_backward_geometry(p, v, H_out, W_out, C_out, ksize, stride, groups);
   p.rows_per_split = plan.rows_per_split;
   p.splits = plan.splits;
 
-  if (on_cuda) {
-    TORCH_CHECK(grad.is_cuda(), op, ": the CUDA kernel got a tensor on ", grad.device());
-    const c10::cuda::CUDAGuard device_guard(grad.device());
-    check_launch(op, conv_wgrad_cuda(p, dtype, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream()));
-  } else {
-    conv_wgrad_host(p, dtype);
-  }
+  run_on(op, on_cuda, grad, [&](cudaStream_t st) { return conv_wgrad_cuda(p, dtype, st); },
+         [&] { conv_wgrad_host(p, dtype); });
   return dw;
 }
 
@@ -546,18 +540,6 @@ at::Tensor conv_wgrad_entry(const at::Tensor& grad, const at::Tensor& v, const a
 
 
 // ---- elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.h) ---------------------------------
-
-// Runs `launch_cuda(stream)` under a device guard on t's device, or `run_host()`.
-template <class Cuda, class Host>
-void run_on(const char* op, bool on_cuda, const at::Tensor& t, Cuda launch_cuda, Host run_host) {
-  if (on_cuda) {
-    TORCH_CHECK(t.is_cuda(), op, ": the CUDA kernel got a tensor on ", t.device());
-    const c10::cuda::CUDAGuard device_guard(t.device());
-    check_launch(op, launch_cuda(c10::cuda::getCurrentCUDAStream(t.device().index()).stream()));
-  } else {
-    run_host();
-  }
-}
 
 template <bool kCuda>
 at::Tensor bn_relu_apply_entry(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift) {

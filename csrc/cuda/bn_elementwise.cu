@@ -244,31 +244,18 @@ typename StatsPartials<T>::Args args_of(const StatsPartialsParams& p) {
 
 template <template <typename> class Problem, class Params>
 cudaError_t dispatch_cuda(const Params& p, ConvDtype dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return launch_ew<Problem<float>>(args_of<float>(p), stream);
-    case ConvDtype::kFloat16:
-      return launch_ew<Problem<__half>>(args_of<__half>(p), stream);
-    case ConvDtype::kBFloat16:
-      return launch_ew<Problem<__nv_bfloat16>>(args_of<__nv_bfloat16>(p), stream);
-    case ConvDtype::kFloat64:
-      return launch_ew<Problem<double>>(args_of<double>(p), stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_conv_dtype(dtype, [&](auto tag) {
+    using T = TagType<decltype(tag)>;
+    return launch_ew<Problem<T>>(args_of<T>(p), stream);
+  });
 }
 
 template <template <typename> class Problem, class Params>
 void dispatch_host(const Params& p, ConvDtype dtype) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return run_ew_host<Problem<float>>(args_of<float>(p));
-    case ConvDtype::kFloat16:
-      return run_ew_host<Problem<__half>>(args_of<__half>(p));
-    case ConvDtype::kBFloat16:
-      return run_ew_host<Problem<__nv_bfloat16>>(args_of<__nv_bfloat16>(p));
-    case ConvDtype::kFloat64:
-      return run_ew_host<Problem<double>>(args_of<double>(p));
-  }
+  dispatch_conv_dtype(dtype, [&](auto tag) {
+    using T = TagType<decltype(tag)>;
+    run_ew_host<Problem<T>>(args_of<T>(p));
+  });
 }
 
 }  // namespace

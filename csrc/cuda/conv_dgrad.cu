@@ -181,11 +181,7 @@ template <typename T>
 typename DgradProblem<T>::Args make_args(const ConvDgradParams& p, dim3& grid) {
   using Acc = AccOf<T>;
   typename DgradProblem<T>::Args a;
-  a.g = static_cast<const T*>(p.g);
-  a.pro_y = static_cast<const T*>(p.pro_y);
-  a.pro_a = static_cast<const Acc*>(p.pro_a);
-  a.pro_b = static_cast<const Acc*>(p.pro_b);
-  a.pro_c = static_cast<const Acc*>(p.pro_c);
+  copy_grad_operand<T>(a, p);
   a.w = static_cast<const T*>(p.w);
   a.second_grad = static_cast<const T*>(p.second_grad);
   a.second_w = static_cast<const T*>(p.second_w);
@@ -200,16 +196,7 @@ typename DgradProblem<T>::Args make_args(const ConvDgradParams& p, dim3& grid) {
   a.invstd = static_cast<const Acc*>(p.invstd);
   a.out = static_cast<T*>(p.out);
   a.sums = static_cast<Acc*>(p.sums);
-  a.N = p.N;
-  a.H = p.H;
-  a.W = p.W;
-  a.C_in = p.C_in;
-  a.H_out = p.H_out;
-  a.W_out = p.W_out;
-  a.C_out = p.C_out;
-  a.ksize = p.ksize;
-  a.stride = p.stride;
-  a.groups = p.groups;
+  copy_backward_geometry(a, p);
   a.M = p.N * p.H * p.W;
   a.cin_pg = p.C_in / p.groups;
   a.cout_pg = p.C_out / p.groups;
@@ -240,30 +227,11 @@ void host_typed(const ConvDgradParams& p) {
 }  // namespace
 
 cudaError_t conv_dgrad_cuda(const ConvDgradParams& p, ConvDtype dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return launch_typed<float>(p, stream);
-    case ConvDtype::kFloat16:
-      return launch_typed<__half>(p, stream);
-    case ConvDtype::kBFloat16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    case ConvDtype::kFloat64:
-      return launch_typed<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_conv_dtype(dtype, [&](auto tag) { return launch_typed<TagType<decltype(tag)>>(p, stream); });
 }
 
 void conv_dgrad_host(const ConvDgradParams& p, ConvDtype dtype) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return host_typed<float>(p);
-    case ConvDtype::kFloat16:
-      return host_typed<__half>(p);
-    case ConvDtype::kBFloat16:
-      return host_typed<__nv_bfloat16>(p);
-    case ConvDtype::kFloat64:
-      return host_typed<double>(p);
-  }
+  dispatch_conv_dtype(dtype, [&](auto tag) { host_typed<TagType<decltype(tag)>>(p); });
 }
 
 }  // namespace resnet_fused

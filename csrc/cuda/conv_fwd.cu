@@ -34,31 +34,12 @@ void host_typed(const ConvFwdParams& p) {
 
 cudaError_t conv_fwd_cuda(const ConvFwdParams& p, ConvDtype dtype, cudaStream_t stream) {
   if (conv_fwd_uses_halo(p)) return conv_fwd_halo_cuda(p, dtype, stream);
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return launch_typed<float>(p, stream);
-    case ConvDtype::kFloat16:
-      return launch_typed<__half>(p, stream);
-    case ConvDtype::kBFloat16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    case ConvDtype::kFloat64:
-      return launch_typed<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_conv_dtype(dtype, [&](auto tag) { return launch_typed<TagType<decltype(tag)>>(p, stream); });
 }
 
 void conv_fwd_host(const ConvFwdParams& p, ConvDtype dtype) {
   if (conv_fwd_uses_halo(p)) return conv_fwd_halo_host(p, dtype);
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return host_typed<float>(p);
-    case ConvDtype::kFloat16:
-      return host_typed<__half>(p);
-    case ConvDtype::kBFloat16:
-      return host_typed<__nv_bfloat16>(p);
-    case ConvDtype::kFloat64:
-      return host_typed<double>(p);
-  }
+  dispatch_conv_dtype(dtype, [&](auto tag) { host_typed<TagType<decltype(tag)>>(p); });
 }
 
 }  // namespace resnet_fused

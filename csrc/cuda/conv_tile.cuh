@@ -395,5 +395,65 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kMaxGridX = 0x7fffffff;
 constexpr unsigned kMaxGridYZ = 65535;
 
+// ---- storage-dtype dispatch of the entry points ---------------------------------------------
+//
+// dispatch_conv_dtype(dtype, f) calls f(TypeTag<T>{}) with T the storage type `dtype` names
+// (float, __half, __nv_bfloat16, double) and returns what f returns; f is a generic lambda that
+// reads T as `TagType<decltype(tag)>`. A dtype outside the enum runs nothing: the launchers
+// (cudaError_t) get cudaErrorInvalidValue, the host versions (void) just return.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <class Tag>
+using TagType = typename Tag::type;
+
+template <typename F>
+auto dispatch_conv_dtype(ConvDtype dtype, F&& f) -> decltype(f(TypeTag<float>{})) {
+  using R = decltype(f(TypeTag<float>{}));
+  static_assert(std::is_void<R>::value || std::is_same<R, cudaError_t>::value,
+                "dispatch_conv_dtype serves the void host versions and the cudaError_t launchers");
+  switch (dtype) {
+    case ConvDtype::kFloat32:
+      return f(TypeTag<float>{});
+    case ConvDtype::kFloat16:
+      return f(TypeTag<__half>{});
+    case ConvDtype::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    case ConvDtype::kFloat64:
+      return f(TypeTag<double>{});
+  }
+  if constexpr (!std::is_void<R>::value) return cudaErrorInvalidValue;
+}
+
+// ---- make_args pieces of the dgrad and wgrad problems ---------------------------------------
+//
+// ConvDgradParams and ConvWgradParams (conv_fused.h) and the Args of their problems share these
+// fields under the same names: the gradient operand with its prologue dy = pro_a*g + pro_b*pro_y
+// + pro_c (vectors in the accumulation type) and the conv geometry.
+template <typename T, class Args, class Params>
+void copy_grad_operand(Args& a, const Params& p) {
+  using Acc = AccOf<T>;
+  a.g = static_cast<const T*>(p.g);
+  a.pro_y = static_cast<const T*>(p.pro_y);
+  a.pro_a = static_cast<const Acc*>(p.pro_a);
+  a.pro_b = static_cast<const Acc*>(p.pro_b);
+  a.pro_c = static_cast<const Acc*>(p.pro_c);
+}
+
+template <class Args, class Params>
+void copy_backward_geometry(Args& a, const Params& p) {
+  a.N = p.N;
+  a.H = p.H;
+  a.W = p.W;
+  a.C_in = p.C_in;
+  a.H_out = p.H_out;
+  a.W_out = p.W_out;
+  a.C_out = p.C_out;
+  a.ksize = p.ksize;
+  a.stride = p.stride;
+  a.groups = p.groups;
+}
+
 }  // namespace conv_tile
 }  // namespace resnet_fused

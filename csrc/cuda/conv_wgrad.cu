@@ -155,25 +155,12 @@ template <typename T>
 typename WgradProblem<T>::Args make_args(const ConvWgradParams& p, dim3& grid) {
   using Acc = AccOf<T>;
   typename WgradProblem<T>::Args a;
-  a.g = static_cast<const T*>(p.g);
-  a.pro_y = static_cast<const T*>(p.pro_y);
-  a.pro_a = static_cast<const Acc*>(p.pro_a);
-  a.pro_b = static_cast<const Acc*>(p.pro_b);
-  a.pro_c = static_cast<const Acc*>(p.pro_c);
+  copy_grad_operand<T>(a, p);
   a.v = static_cast<const T*>(p.v);
   a.scale = static_cast<const Acc*>(p.scale);
   a.shift = static_cast<const Acc*>(p.shift);
   a.workspace = static_cast<Acc*>(p.workspace);
-  a.N = p.N;
-  a.H = p.H;
-  a.W = p.W;
-  a.C_in = p.C_in;
-  a.H_out = p.H_out;
-  a.W_out = p.W_out;
-  a.C_out = p.C_out;
-  a.ksize = p.ksize;
-  a.stride = p.stride;
-  a.groups = p.groups;
+  copy_backward_geometry(a, p);
   a.rows_per_split = p.rows_per_split;
   a.M = p.N * p.H_out * p.W_out;
   a.cin_pg = p.C_in / p.groups;
@@ -217,30 +204,11 @@ void host_typed(const ConvWgradParams& p) {
 }  // namespace
 
 cudaError_t conv_wgrad_cuda(const ConvWgradParams& p, ConvDtype dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return launch_typed<float>(p, stream);
-    case ConvDtype::kFloat16:
-      return launch_typed<__half>(p, stream);
-    case ConvDtype::kBFloat16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    case ConvDtype::kFloat64:
-      return launch_typed<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_conv_dtype(dtype, [&](auto tag) { return launch_typed<TagType<decltype(tag)>>(p, stream); });
 }
 
 void conv_wgrad_host(const ConvWgradParams& p, ConvDtype dtype) {
-  switch (dtype) {
-    case ConvDtype::kFloat32:
-      return host_typed<float>(p);
-    case ConvDtype::kFloat16:
-      return host_typed<__half>(p);
-    case ConvDtype::kBFloat16:
-      return host_typed<__nv_bfloat16>(p);
-    case ConvDtype::kFloat64:
-      return host_typed<double>(p);
-  }
+  dispatch_conv_dtype(dtype, [&](auto tag) { host_typed<TagType<decltype(tag)>>(p); });
 }
 
 }  // namespace resnet_fused
