@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
 REQUIRE_C ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
 PYTEST_ARGS ?=
+# Test files spread over every core (pytest-xdist); whole files per worker, so a module-scoped
+# fixture (the sm_90 compile of every config) runs once. PYTEST_JOBS=0 runs serially.
+PYTEST_JOBS ?= auto
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 .PHONY: venv build test bench bench-models flops clean
 
@@ -25,7 +29,7 @@ $(VENV)/.built: $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/
 	touch $@
 
 test: build
-	RESNET_FUSED_REQUIRE_C=$(REQUIRE_C) $(PY) -m pytest --durations=15 $(PYTEST_ARGS) tests
+	RESNET_FUSED_REQUIRE_C=$(REQUIRE_C) $(PY) -m pytest --durations=15 $(PYTEST_PARALLEL) $(PYTEST_ARGS) tests
 
 bench: build
 	$(PY) benchmarks/bench_blocks.py
