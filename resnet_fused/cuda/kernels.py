@@ -122,7 +122,7 @@ def conv_dgrad(
     whose input was relu(v * scale + shift) and whose output gradient is ``grad`` (with the
     BN-backward ``prologue`` applied first); ``second_grad``/``second_weight`` add a strided 1x1
     projection's input gradient into the same accumulator before the mask and the sums.
-    Same contract as the Triton ``conv1x1_dgrad``, plus 3x3 and groups."""
+    Same contract as the Triton ``conv_dgrad``."""
     ops = _ops()
     dtype = grad.dtype
     y, a, b, c = _prologue(prologue, dtype)

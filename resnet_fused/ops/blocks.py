@@ -69,7 +69,7 @@ def _check_backend(backend: str) -> None:
 
 
 def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
-    """Eval-mode folding (same rule as triton/blocks.py): no conv output is materialised."""
+    """Eval-mode folding (same rule as fused/forward.py): no conv output is materialised."""
     return fold_eval and not any(training)
 
 
