@@ -19,7 +19,7 @@ import torch
 
 from .conv import ConvConfig
 
-__all__ = ["BackwardConfig", "backward_config", "BACKWARD_GPU_CONFIGS", "StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
+__all__ = ["BackwardConfig", "backward_config", "BACKWARD_GPU_CONFIGS", "FP64_GPU_CONFIG", "FP64_BACKWARD_CONFIG", "StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
            "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES", "STRATEGY_ENV"]
 
 #: How a 3x3 conv with a BN+ReLU prologue runs: ``fused`` (one implicit-GEMM kernel, the
@@ -71,6 +71,12 @@ _GPU_TABLE: dict[tuple[int, bool], list[ConvConfig]] = {
 # Under the interpreter larger tiles are cheaper (numpy per program): few programs, big arrays.
 _INTERPRETER_CONFIG = ConvConfig(64, 64, 32, 4, 1)
 
+#: fp64 on a GPU (the gradcheck slow path): no tensor-core dot exists for it, so ``_dot`` is a
+#: broadcast multiply-reduce holding BLOCK_M x BLOCK_K x BLOCK_N products; at the fp32 table's
+#: 64x64x32 that compiled to 21,344 bytes of stack per thread. 16^3 tiles keep it in registers
+#: (the AOT test checks the spill count).
+FP64_GPU_CONFIG = ConvConfig(16, 16, 16, 4, 1)
+
 _forced: dict[str, object] = {}
 
 
@@ -95,6 +101,7 @@ def all_conv_configs() -> list[tuple[int, torch.dtype, ConvConfig]]:
     for (ksize, sixteen), configs in _GPU_TABLE.items():
         dtypes = (torch.bfloat16, torch.float16) if sixteen else (torch.float32,)
         out += [(ksize, dtype, c) for dtype in dtypes for c in configs]
+    out += [(ksize, torch.float64, FP64_GPU_CONFIG) for ksize in (1, 3)]
     return out
 
 
@@ -105,6 +112,8 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
         return _forced["conv"]  # type: ignore[return-value]
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
+    if dtype == torch.float64:
+        return FP64_GPU_CONFIG
     sixteen = dtype in (torch.float16, torch.bfloat16)
     limit = _shared_memory_limit(device)
     element = torch.tensor([], dtype=dtype).element_size()
@@ -136,6 +145,8 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
 
 #: GPU backward tiles by 16-bit-ness; the AOT test compiles both.
 BACKWARD_GPU_CONFIGS = {True: BackwardConfig(128, 64, 64, 4, 3), False: BackwardConfig(64, 64, 32, 4, 2)}
+#: fp64 backward tiles on a GPU, small for the same reason as :data:`FP64_GPU_CONFIG`.
+FP64_BACKWARD_CONFIG = BackwardConfig(16, 16, 16, 4, 1)
 
 
 def backward_config(dtype: torch.dtype, device: torch.device) -> BackwardConfig:
@@ -143,6 +154,8 @@ def backward_config(dtype: torch.dtype, device: torch.device) -> BackwardConfig:
         return _forced["backward"]  # type: ignore[return-value]
     if device.type != "cuda":
         return BackwardConfig(64, 64, 32, 4, 1)
+    if dtype == torch.float64:
+        return FP64_BACKWARD_CONFIG
     return BACKWARD_GPU_CONFIGS[dtype in (torch.float16, torch.bfloat16)]
 
 
