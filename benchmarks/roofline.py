@@ -9,6 +9,7 @@ no implementation of the plan beats the floor; "% of floor" in the benchmarks is
 
     python -m benchmarks.roofline                       # floors of the ResNet-50 stage units
     python -m benchmarks.roofline --peak-tflops 790     # with another matrix ceiling
+    python -m benchmarks.roofline --model resnet_v2_50  # bytes of a model: eager, per block, stages
 
 The kernels (one per convolution, everything else in prologues and epilogues):
 
@@ -66,7 +67,8 @@ from typing import Optional, Sequence
 from resnet_fused.configs import UnitShape, resnet50_stage_units
 from resnet_fused.reference import resolve_shortcut
 
-__all__ = ["MODES", "Kernel", "Floor", "plan_kernels", "plan_floor", "self_check",
+__all__ = ["MODES", "MODEL_PLANS", "Kernel", "Floor", "plan_kernels", "plan_floor", "eager_kernels",
+           "model_bytes", "self_check",
            "DESIGN_PEAK_FLOPS", "DESIGN_BANDWIDTH", "DESIGN_TRAIN_FWD_FLOORS_US"]
 
 #: What a floor is computed for, the benchmark's modes.
@@ -281,6 +283,100 @@ def plan_floor(unit: UnitShape, batch: int, mode: str, elem_bytes: int = 2, *,
     return Floor(tuple(kernels), peak_flops, bandwidth)
 
 
+def eager_kernels(unit: UnitShape, batch: int, mode: str, elem_bytes: int = 2, *,
+                  shortcut: Optional[str] = None, stride_on: str = "3x3") -> list[Kernel]:
+    """Eager PyTorch's kernels for one pre-activation unit, counted like :func:`plan_kernels`.
+
+    Eager runs, per norm, a BatchNorm (training: a statistics read of its input, then an apply
+    that reads it again and writes the normalised tensor; eval: one read and one write) and a
+    ReLU (a read and a write), then the conv on the stored activation, and an add for the
+    shortcut. Its backward runs, per conv, a dgrad and a wgrad on the stored activation; per
+    ReLU, a masked copy (reads the gradient and the activation, writes); per BatchNorm, a
+    reduction pass (reads the gradient and the input) and an apply pass (reads both again,
+    writes); gradients meeting at a tensor are summed by an add (the shortcut's gradient into
+    dx, the projection's into conv1's input gradient). cuDNN's conv kernels are taken to read
+    and write each tensor once, as the plan's are.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    kind = resolve_shortcut(unit.in_chs, unit.out_chs, unit.stride, shortcut)
+    convs = _block_convs(unit, stride_on)
+    first, last = convs[0], convs[-1]
+    x_elements = first.input_elements(batch)
+    out_elements = last.output_elements(batch)
+    strided_x = batch * last.out_pixels * unit.in_chs
+    projection_macs = batch * last.out_pixels * unit.in_chs * unit.out_chs if kind == "projection" else 0
+    projection_weights = unit.in_chs * unit.out_chs if kind == "projection" else 0
+    train = mode != "eval_fwd"
+
+    def kernel(name: str, macs: int, elements: int) -> Kernel:
+        return Kernel(name, 2.0 * macs, float(elements * elem_bytes))
+
+    kernels: list[Kernel] = []
+    for conv in convs:
+        t = conv.input_elements(batch)
+        kernels.append(kernel(f"{conv.name} input BatchNorm", 0, (3 if train else 2) * t))
+        kernels.append(kernel(f"{conv.name} input ReLU", 0, 2 * t))
+        kernels.append(kernel(f"{conv.name}", conv.macs(batch),
+                              conv.input_elements_read(batch) + conv.weight_elements + conv.output_elements(batch)))
+    if kind == "projection":
+        kernels.append(kernel("projection conv", projection_macs, strided_x + projection_weights + out_elements))
+    kernels.append(kernel("shortcut add", 0, 3 * out_elements))
+    if mode != "train_fwd_bwd":
+        return kernels
+
+    if kind == "projection":
+        kernels.append(kernel("projection wgrad", projection_macs, strided_x + out_elements + projection_weights))
+        kernels.append(kernel("projection dgrad", projection_macs, out_elements + projection_weights + x_elements))
+    for i in reversed(range(len(convs))):
+        conv = convs[i]
+        t, o = conv.input_elements(batch), conv.output_elements(batch)
+        kernels.append(kernel(f"{conv.name} wgrad", conv.macs(batch),
+                              conv.input_elements_read(batch) + o + conv.weight_elements))
+        kernels.append(kernel(f"{conv.name} dgrad", conv.macs(batch), o + conv.weight_elements + t))
+        if i == 0 and kind == "projection":
+            kernels.append(kernel("projection + conv1 input gradient add", 0, 3 * t))
+        kernels.append(kernel(f"{conv.name} input ReLU backward", 0, 3 * t))
+        kernels.append(kernel(f"{conv.name} input BatchNorm backward", 0, 5 * t))
+    if kind in ("identity", "subsample"):
+        kernels.append(kernel("dx + shortcut gradient add", 0, 3 * x_elements))
+    return kernels
+
+
+#: The byte plans of a whole network's residual units (stem, max pool and head are the same in
+#: every plan and left out): eager's kernels, the fusion plan per block (each block takes its
+#: own bn1 statistics, K0), and the stage-fused plan (the previous block's last conv emits
+#: them, so only the network's first unit runs K0).
+MODEL_PLANS = ("eager", "fused per block", "fused stages")
+
+
+def model_bytes(model: str, batch: int, mode: str = "train_fwd_bwd", elem_bytes: int = 2,
+                image_size: int = 224) -> dict[str, float]:
+    """Modeled HBM bytes of all residual units of ``model`` under each of :data:`MODEL_PLANS`."""
+    from resnet_fused.configs import MODEL_CONFIGS, stage_units
+
+    if model not in MODEL_CONFIGS:
+        raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {model!r}")
+    totals = dict.fromkeys(MODEL_PLANS, 0.0)
+    for index, (_, _, unit) in enumerate(stage_units(MODEL_CONFIGS[model], image_size)):
+        totals["eager"] += sum(k.bytes for k in eager_kernels(unit, batch, mode, elem_bytes))
+        totals["fused per block"] += sum(k.bytes for k in plan_kernels(unit, batch, mode, elem_bytes))
+        totals["fused stages"] += sum(k.bytes for k in plan_kernels(unit, batch, mode, elem_bytes,
+                                                                      include_bn1_stats=index == 0))
+    return totals
+
+
+def _format_model_table(model: str, batch: int, elem_bytes: int, image_size: int) -> str:
+    lines = [f"{model}, residual units only, batch {batch}, {image_size}x{image_size}, "
+             f"{elem_bytes}-byte storage: modeled HBM traffic in GB (ratio to eager)",
+             f"{'step':<15}" + "".join(f"{plan:>22}" for plan in MODEL_PLANS)]
+    for mode in MODES:
+        totals = model_bytes(model, batch, mode, elem_bytes, image_size)
+        cells = "".join(f"{totals[p] / 1e9:>13.2f} ({totals[p] / totals['eager']:.2f}x)" for p in MODEL_PLANS)
+        lines.append(f"{mode:<15}{cells}")
+    return "\n".join(lines)
+
+
 def _design_identity_units() -> dict[str, UnitShape]:
     return {unit.name.split(".")[0]: unit for unit in resnet50_stage_units(kinds=("identity",))}
 
@@ -352,7 +448,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--elem-bytes", type=int, default=2, help="storage bytes per element (bf16: 2)")
     parser.add_argument("--peak-tflops", type=float, default=DESIGN_PEAK_FLOPS / 1e12)
     parser.add_argument("--bandwidth-tbps", type=float, default=DESIGN_BANDWIDTH / 1e12)
+    parser.add_argument("--model", default=None,
+                        help="print the modeled bytes of this model's residual units under eager's "
+                             "plan, the per-block fused plan and the stage-fused plan (e.g. resnet_v2_50)")
+    parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
+    if args.model is not None:
+        print(_format_model_table(args.model, args.batch, args.elem_bytes, args.image_size))
+        return 0
     rows = self_check()
     print("self-check against DESIGN.md section 7 (identity units, train forward, b256 bf16, "
           "770 TFLOP/s, 3.0 TB/s):")
