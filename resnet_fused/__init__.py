@@ -26,6 +26,7 @@ from .models import (
     resnext_v2_101_32x8d,
 )
 from .modules import FusedBasicBlock, FusedBottleneck
+from .postact import FusedPostActBasicBlock, FusedPostActBottleneck, FusedTimmBasicBlock, FusedTimmBottleneck
 from .ops import batch_stats
 from .reference import PreActBasicBlock, PreActBottleneck
 
@@ -41,5 +42,6 @@ __all__ = [
     "batch_stats",
     "convert", "describe", "unconvert",
     "FusedBasicBlock", "FusedBottleneck",
+    "FusedPostActBasicBlock", "FusedPostActBottleneck", "FusedTimmBasicBlock", "FusedTimmBottleneck",
     "PreActBasicBlock", "PreActBottleneck",
 ]

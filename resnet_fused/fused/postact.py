@@ -1,0 +1,366 @@
+"""Forward and backward of whole post-activation (ResNet v1 / v1.5) blocks over a backend's kernels.
+
+A post-activation unit is a chain of convs, each followed by BN (+ ReLU but the last), closed by
+``out = relu(bn_last(y_last) + shortcut)``. Bottleneck (torchvision / timm ``Bottleneck``):
+convs 1x1, 3x3 (stride on it: v1.5, or on the first 1x1: v1; groups = ResNeXt's cardinality),
+1x1; basic block: 3x3 (strided), 3x3. The shortcut is the input x (identity) or
+``bn_d(conv1x1_s(x))`` (projection). Train forward, one kernel per conv plus one closing pass:
+
+    y0 = conv0(x)                                     epilogue: statistics of y0 -> bn0
+    y_i = conv_i(relu(bn_{i-1}(y_{i-1})))             prologue bn+relu; epilogue: statistics -> bn_i
+    yd = conv_d(x)                                    (projection) epilogue: statistics -> bn_d
+    out = relu(bn_last(y_last) + (x | bn_d(yd)))      one elementwise pass, both affines
+
+Eval (no norm training, nothing needing a gradient): every BN is a constant affine. The inner
+norms fold into the producing conv's epilogue (it stores relu(bn(y)), so the next conv has no
+prologue); the last norm and the projection's norm fold into the last conv's WEIGHTS (scaled per
+output channel) with their shifts, the shortcut add (identity, or the projection as a second
+K-loop over x) and the ReLU in its epilogue: one kernel per conv, no elementwise pass.
+
+Backward (g = dL/dout). Saved by the forward: x and y0 .. y_{last-1} plus per-channel statistics;
+no activation, and neither y_last, yd nor out: y_last (and yd) are recomputed by one forward conv
+each, which keeps the saved bytes at most 0.55x eager's (eager saves x, every conv output, every
+activation and the output). Then, as in the pre-activation backward (``fused/backward.py``):
+
+    g'_last = g * [z > 0], sums over y_last and yd        (closing backward pass)
+    conv_i (i >= 1): dgrad with the BN-backward apply of bn_i in its prologue, the ReLU mask of
+        bn_{i-1} and its sums in the epilogue; wgrad with the same prologue and relu(bn(y_{i-1}))
+        recomputed                                        (the kernel set's fused GEMMs)
+    conv0: dgrad with bn0's backward apply in the prologue and no mask (its input is x, not an
+        activation), the projection's dgrad as a second K-loop into the same accumulator;
+        wgrad over the raw x; dx += g'_last for the identity shortcut.
+
+Kernels: the kernel set's (``KernelSet``) plus three post-activation pieces (:class:`PostActKernels`):
+the closing pass, its backward, and a weight gradient over a non-activated input. Triton has
+each as one kernel (``triton/postact_elementwise.py``, ``triton/postact_wgrad.py``). The CUDA
+backend composes them from its existing C++ kernels and ATen (see :class:`CudaPostAct`): not
+fused C++ kernels yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from .backward import SavedNorm
+from .forward import NormInputs
+from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, BNBackward, GradPrologue, KernelSet
+
+__all__ = ["PostActKernels", "TritonPostAct", "CudaPostAct", "postact_kernels", "postact_forward",
+           "postact_backward", "NormInputs", "SavedNorm"]
+
+
+# ---------------------------------------------------------------------------------------
+# The post-activation pieces each backend adds to its kernel set
+# ---------------------------------------------------------------------------------------
+
+
+class PostActKernels:
+    """Closing pass, its backward, and the weight gradient of a conv over a raw input."""
+
+    def closing(self, kernels: KernelSet, y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor,
+                sc_scale: Optional[Tensor], sc_shift: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def closing_backward(self, kernels: KernelSet, grad: Tensor, y: Tensor, norm: SavedNorm, sc: Tensor,
+                         sc_norm: Optional[SavedNorm]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    def plain_wgrad(self, kernels: KernelSet, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
+                    prologue: Optional[GradPrologue]) -> Tensor:
+        raise NotImplementedError
+
+
+class TritonPostAct(PostActKernels):
+    """One Triton kernel each."""
+
+    def closing(self, kernels, y, scale, shift, sc, sc_scale, sc_shift):
+        from ..triton.postact_elementwise import postact_out
+
+        return postact_out(y, scale, shift, sc, sc_scale, sc_shift)
+
+    def closing_backward(self, kernels, grad, y, norm, sc, sc_norm):
+        from ..triton.postact_elementwise import postact_out_backward
+
+        if sc_norm is None:
+            return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc)
+        return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc,
+                                    sc_norm.scale, sc_norm.shift, sc_norm.mean, sc_norm.invstd)
+
+    def plain_wgrad(self, kernels, grad, x, weight, *, stride, prologue):
+        from ..triton import configs
+        from ..triton.postact_wgrad import plain_conv_wgrad
+
+        cfg = configs.backward_config(grad.dtype, grad.device)
+        return plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue,
+                                stats_dtype=reference.stats_dtype(grad.dtype), **cfg.wgrad_meta(),
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+class CudaPostAct(PostActKernels):
+    """Composed from the CUDA backend's existing C++ kernels (and ATen for one weight gradient).
+
+    Not fused C++ kernels yet:
+    * closing pass: ``bn_backward_apply`` computes z = A y + B sc + C (both affines at once), then
+      ``bn_relu_apply`` the ReLU: two C++ launches and one extra write + read of z;
+    * its backward: z again, ``relu_grad_sums`` for the mask, then ``relu_grad_sums`` with an
+      always-true mask once per norm for the sums over y (and yd): three or four C++ launches;
+    * the first conv's weight gradient (raw input, no activation recompute): dy materialised by
+      ``bn_backward_apply``, then ATen's convolution backward (cuDNN on a GPU).
+    """
+
+    @staticmethod
+    def _z(kernels, y, scale, shift, sc, sc_scale, sc_shift):
+        b = sc_scale if sc_scale is not None else torch.ones_like(scale)
+        c = shift + sc_shift if sc_shift is not None else shift
+        return kernels.bn_backward_apply(y, sc, BNBackward(None, None, scale, b, c))
+
+    def closing(self, kernels, y, scale, shift, sc, sc_scale, sc_shift):
+        z = self._z(kernels, y, scale, shift, sc, sc_scale, sc_shift)
+        return kernels.bn_relu_apply(z, torch.ones_like(scale), torch.zeros_like(shift))
+
+    def closing_backward(self, kernels, grad, y, norm, sc, sc_norm):
+        z = self._z(kernels, y, norm.scale, norm.shift, sc, sc_norm.scale if sc_norm else None,
+                    sc_norm.shift if sc_norm else None)
+        one, zero = torch.ones_like(norm.scale), torch.zeros_like(norm.scale)
+        g, _ = kernels.relu_grad_sums(grad, z, one, zero, zero, zero)
+        del z
+        _, part = kernels.relu_grad_sums(g, y, zero, one, norm.mean, norm.invstd)  # mask always true
+        sc_part = None
+        if sc_norm is not None:
+            _, sc_part = kernels.relu_grad_sums(g, sc, zero, one, sc_norm.mean, sc_norm.invstd)
+        return g, part, sc_part
+
+    def plain_wgrad(self, kernels, grad, x, weight, *, stride, prologue):
+        dy = kernels.bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
+        return _aten_conv_backward(dy, x, weight, stride, 1, (False, True))[1]
+
+
+_TRITON_POSTACT, _CUDA_POSTACT = TritonPostAct(), CudaPostAct()
+
+
+def postact_kernels(kernels: KernelSet) -> PostActKernels:
+    return _CUDA_POSTACT if kernels.name == "cuda" else _TRITON_POSTACT
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Affine:
+    mean: Tensor
+    var: Tensor
+    scale: Tensor
+    shift: Tensor
+
+
+def _affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, dtype: torch.dtype) -> _Affine:
+    if norm.training:
+        return _Affine(*kernels.finalize(part, norm.weight, norm.bias, norm.eps))
+    ct = reference.stats_dtype(dtype)
+    mean, var = norm.running_mean.to(ct), norm.running_var.to(ct)
+    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.to(ct), norm.bias.to(ct), norm.eps)
+    return _Affine(mean.clone(), var.clone(), scale, shift)
+
+
+def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def _fuse_3x3(kernels: KernelSet, inp: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
+    n, _, h, w = inp.shape
+    ho, wo = _out_hw(h, w, stride)
+    return kernels.fuse_3x3(n * ho * wo, weight.shape[0] // groups, weight.shape[1] * 9, inp.dtype, inp.device)
+
+
+def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: _Affine, *, stride: int, groups: int,
+              emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """conv(relu(bn(h))) with the statistics of its output: the fused kernel, or for a 3x3 where the
+    kernel set says so the hybrid (BN+ReLU pass, ATen's conv, statistics pass)."""
+    if weight.shape[-1] == 1 or _fuse_3x3(kernels, h, weight, stride, groups):
+        return kernels.conv(h, weight, scale=affine.scale, shift=affine.shift, stride=stride, groups=groups,
+                            emit_stats=emit_stats)
+    act = kernels.bn_relu_apply(h, affine.scale, affine.shift)
+    y = F.conv2d(act, weight.to(act.dtype), stride=stride, padding=1, groups=groups)
+    y = y.contiguous(memory_format=torch.channels_last)
+    return y, (kernels.stats_partials(y) if emit_stats else None)
+
+
+def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
+                  affines: Sequence[_Affine], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
+    h = x
+    for w, a, s, g in zip(weights[:-1], affines, strides, groups):
+        h, _ = kernels.conv(h, w, stride=s, groups=g, post_scale=a.scale, post_shift=a.shift)
+    last = affines[len(weights) - 1]
+    ct = last.scale.dtype
+    w_last = (weights[-1].to(ct) * last.scale.view(-1, 1, 1, 1)).to(x.dtype)
+    shift = last.shift
+    if w_proj is not None:
+        proj = affines[len(weights)]
+        sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
+                  proj_weight=(w_proj.to(ct) * proj.scale.view(-1, 1, 1, 1)).to(x.dtype))
+        shift = shift + proj.shift
+    else:
+        sc = dict(shortcut=x, shortcut_kind=SHORTCUT_ADD, shortcut_stride=1)
+    out, _ = kernels.conv(h, w_last, stride=strides[-1], groups=groups[-1], **sc,
+                          post_scale=torch.ones_like(shift), post_shift=shift)
+    return out
+
+
+def _total_stride(strides: Sequence[int]) -> int:
+    total = 1
+    for s in strides:
+        total *= s
+    return total
+
+
+def postact_forward(
+    kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
+    norms: Sequence[NormInputs], *, strides: Sequence[int], groups: Sequence[int], fold_eval: bool,
+) -> tuple[Tensor, list[Tensor], list[_Affine]]:
+    """(out, [y0 .. y_{last-1}] for the backward (none when folded), the affines of every norm:
+    one per conv, then the projection's)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n_convs = len(weights)
+    fold = fold_eval and not any(nm.training for nm in norms)
+    if fold:
+        affines = [_affine(kernels, None, nm, x.dtype) for nm in norms]
+        return _eval_forward(kernels, x, weights, w_proj, affines, strides, groups), [], affines
+    ys: list[Tensor] = []
+    affines = []
+    h, prev = x, None
+    for i, (w, s, g) in enumerate(zip(weights, strides, groups)):
+        emit = norms[i].training
+        if prev is None:
+            y, part = kernels.conv(h, w, stride=s, groups=g, emit_stats=emit)
+        else:
+            y, part = _act_conv(kernels, h, w, prev, stride=s, groups=g, emit_stats=emit)
+        prev = _affine(kernels, part, norms[i], x.dtype)
+        ys.append(y)
+        affines.append(prev)
+        h = y
+    sc, sc_scale, sc_shift = x, None, None
+    if w_proj is not None:
+        yd, part_d = kernels.conv(x, w_proj, stride=_total_stride(strides), emit_stats=norms[n_convs].training)
+        proj = _affine(kernels, part_d, norms[n_convs], x.dtype)
+        affines.append(proj)
+        sc, sc_scale, sc_shift = yd, proj.scale, proj.shift
+    last = affines[n_convs - 1]
+    out = postact_kernels(kernels).closing(kernels, ys[-1], last.scale, last.shift, sc, sc_scale, sc_shift)
+    return out, ys[:-1], affines
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+def _aten_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int,
+                        mask: tuple[bool, bool] = (True, True)) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    pad = weight.shape[-1] // 2
+    d_in, d_w, _ = torch.ops.aten.convolution_backward(
+        grad, inp, weight.to(grad.dtype), None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], groups,
+        [mask[0], mask[1], False])
+    return d_in, d_w
+
+
+def _coefficients(kernels: KernelSet, part: Tensor, v: Tensor, norm: SavedNorm) -> BNBackward:
+    count = v.numel() // v.shape[1]
+    return kernels.bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
+
+
+def _act_conv_backward(kernels: KernelSet, grad: Tensor, weight: Tensor, v: Tensor, norm: SavedNorm,
+                       prologue: GradPrologue, *, stride: int, groups: int) -> tuple[Tensor, BNBackward, Tensor]:
+    """Backward through conv(relu(norm(v))) given its output gradient ``grad`` with the BN-backward
+    ``prologue`` still to apply: (g' masked at norm's ReLU, norm's coefficients, dW)."""
+    if weight.shape[-1] == 1 or _fuse_3x3(kernels, v, weight, stride, groups):
+        g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
+                                            stride=stride, groups=groups, prologue=prologue)
+        d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=weight.shape[-1], stride=stride,
+                                 groups=groups, prologue=prologue)
+    else:  # hybrid 3x3: dy and the activation materialised once, ATen's dgrad and wgrad on them
+        dy = kernels.bn_backward_apply(grad, prologue.y, prologue)
+        act = kernels.bn_relu_apply(v, norm.scale, norm.shift)
+        d_act, d_w = _aten_conv_backward(dy, act, weight, stride, groups)
+        del dy, act
+        g_masked, part = kernels.relu_grad_sums(d_act, v, norm.scale, norm.shift, norm.mean, norm.invstd)
+    return g_masked, _coefficients(kernels, part, v, norm), d_w
+
+
+def _recompute_last(kernels: KernelSet, ys: Sequence[Tensor], x: Tensor, weights: Sequence[Tensor],
+                    norms: Sequence[SavedNorm], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
+    """y_last again, from the saved input of the last conv (same kernel as the forward: bitwise
+    the same values where the forward ran the same kernel)."""
+    if len(ys) == 0:
+        return kernels.conv(x, weights[-1], stride=strides[-1], groups=groups[-1])[0]
+    prev = norms[len(weights) - 2]
+    affine = _Affine(prev.mean, prev.var, prev.scale, prev.shift)
+    return _act_conv(kernels, ys[-1], weights[-1], affine, stride=strides[-1], groups=groups[-1],
+                     emit_stats=False)[0]
+
+
+def postact_backward(
+    kernels: KernelSet, grad_out: Tensor, x: Tensor, ys: Sequence[Tensor], weights: Sequence[Tensor],
+    w_proj: Optional[Tensor], norms: Sequence[SavedNorm], *, strides: Sequence[int], groups: Sequence[int],
+) -> dict:
+    """Gradients: ``x``, ``weights`` (list), ``w_proj``, ``bn_weight`` / ``bn_bias`` (lists, one per norm)."""
+    extra = postact_kernels(kernels)
+    x = x.contiguous(memory_format=torch.channels_last)
+    g = grad_out.contiguous(memory_format=torch.channels_last)
+    n_convs = len(weights)
+    last_norm = norms[n_convs - 1]
+    y_last = _recompute_last(kernels, ys, x, weights, norms, strides, groups)
+    total = _total_stride(strides)
+    if w_proj is not None:
+        yd, _ = kernels.conv(x, w_proj, stride=total)
+        proj_norm = norms[n_convs]
+        g_z, part, part_d = extra.closing_backward(kernels, g, y_last, last_norm, yd, proj_norm)
+    else:
+        g_z, part, part_d = extra.closing_backward(kernels, g, y_last, last_norm, x, None)
+    coeffs: list[Optional[BNBackward]] = [None] * len(norms)
+    coeffs[n_convs - 1] = _coefficients(kernels, part, y_last, last_norm)
+    d_ws: list[Optional[Tensor]] = [None] * n_convs
+    grad, prologue = g_z, GradPrologue(y_last, coeffs[n_convs - 1].a, coeffs[n_convs - 1].b,
+                                       coeffs[n_convs - 1].c)
+    all_ys = list(ys) + [y_last]
+    for i in range(n_convs - 1, 0, -1):
+        grad, coeffs[i - 1], d_ws[i] = _act_conv_backward(
+            kernels, grad, weights[i], all_ys[i - 1], norms[i - 1], prologue, stride=strides[i], groups=groups[i])
+        c = coeffs[i - 1]
+        prologue = GradPrologue(all_ys[i - 1], c.a, c.b, c.c)
+    del all_ys, y_last
+    # The projection's dy is needed whole (the dgrad's second K-loop has no prologue).
+    dyd = None
+    d_wp = None
+    if w_proj is not None:
+        coeffs[n_convs] = _coefficients(kernels, part_d, yd, norms[n_convs])
+        dyd = kernels.bn_backward_apply(g_z, yd, coeffs[n_convs])
+        del yd
+        d_wp = extra.plain_wgrad(kernels, dyd, x, w_proj, stride=total, prologue=None)
+    # conv0: its input is x itself, no activation: no ReLU mask (scale 0, shift 1 passes all).
+    w0, s0, g0 = weights[0], strides[0], groups[0]
+    if w0.shape[-1] == 1 or _fuse_3x3(kernels, x, w0, s0, g0):
+        ct = prologue.a.dtype
+        zero = torch.zeros(x.shape[1], dtype=ct, device=x.device)
+        one = torch.ones_like(zero)
+        second = dict(second_grad=dyd, second_weight=w_proj, second_stride=total) if dyd is not None else {}
+        dx, _ = kernels.conv_dgrad(grad, w0, x, zero, one, zero, zero, stride=s0, groups=g0, prologue=prologue,
+                                   **second)
+        d_ws[0] = extra.plain_wgrad(kernels, grad, x, w0, stride=s0, prologue=prologue) if g0 == 1 else \
+            _aten_conv_backward(kernels.bn_backward_apply(grad, prologue.y, prologue), x, w0, s0, g0,
+                                (False, True))[1]
+    else:  # hybrid 3x3
+        dy0 = kernels.bn_backward_apply(grad, prologue.y, prologue)
+        dx, d_ws[0] = _aten_conv_backward(dy0, x, w0, s0, g0)
+        if dyd is not None:
+            dx = dx + _aten_conv_backward(dyd, x, w_proj, total, 1, (True, False))[0]
+    if w_proj is None:
+        dx = dx + g_z
+    return dict(x=dx, weights=d_ws, w_proj=d_wp,
+                bn_weight=[c.dgamma for c in coeffs], bn_bias=[c.dbeta for c in coeffs])

@@ -1,0 +1,210 @@
+"""Fused post-activation block op: ``resnet_fused::postact_block_forward`` (+ its backward op).
+
+One op for every post-activation unit (ResNet v1 / v1.5 bottleneck and basic block, ResNeXt):
+a chain of convs ``weights`` (conv_i with ``strides[i]``, ``groups[i]``, padding k // 2), each
+followed by a BatchNorm, ReLU after every norm but the last, and the closing
+``out = relu(bn_last(y_last) + shortcut)``, shortcut = x or ``bn_d(conv1x1_s(x))`` when ``w_proj``
+is given (s = the product of the strides). Norm lists hold one entry per conv, then the
+projection's.
+
+Dispatch by backend as ``ops/blocks.py``: ``triton`` (compiled, or interpreted on CPU tensors
+under TRITON_INTERPRET=1), ``cuda`` (the C++ kernels; their host emulation on CPU tensors),
+``reference`` (eager PyTorch, also the CPU fallback). The orchestration is
+``fused/postact.py``.
+
+Outputs: [out (channels_last), y0 .. y_{last-1} (the conv outputs the backward needs; empty
+tensors when eval-mode BN is folded), then (mean, biased var) per norm]. Functional: the module
+updates the running statistics from the returned statistics.
+
+Saved for backward by name: x, y0 .. y_{last-1}, the weights, BN parameters and the per-channel
+statistics. Never an activation, never y_last, the projection output or the block output: the
+backward recomputes y_last and yd with one forward conv each.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from ..fused import postact as fused_postact
+from ._saved import load_saved, save_named
+from .blocks import _check_backend, _check_no_double_backward, _kernel_set, runs_fused
+
+__all__ = ["postact_block_forward", "postact_block_backward", "reference_postact_block"]
+
+
+def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
+    return fold_eval and not any(training)
+
+
+def reference_postact_block(x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
+                            bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
+                            means: Sequence[Tensor], vars_: Sequence[Tensor], training: Sequence[bool],
+                            eps: Sequence[float], strides: Sequence[int], groups: Sequence[int],
+                            record: Optional[dict] = None) -> Tensor:
+    """The post-activation unit in eager PyTorch. A training norm uses batch statistics (and
+    records them); any other uses ``means``/``vars_`` as constants. Nothing is updated."""
+    convs, stats = [], []
+
+    def bn(y: Tensor, i: int) -> Tensor:
+        if training[i]:
+            with torch.no_grad():
+                stats.append(reference.batch_stats(y))
+            return F.batch_norm(y, None, None, bn_weights[i], bn_biases[i], True, 0.0, eps[i])
+        stats.append((means[i].to(reference.stats_dtype(y.dtype)), vars_[i].to(reference.stats_dtype(y.dtype))))
+        return F.batch_norm(y, means[i], vars_[i], bn_weights[i], bn_biases[i], False, 0.0, eps[i])
+
+    h = x
+    last = len(weights) - 1
+    total = 1
+    for i, (w, s, g) in enumerate(zip(weights, strides, groups)):
+        y = F.conv2d(h, w, stride=s, padding=w.shape[-1] // 2, groups=g)
+        convs.append(y)
+        h = bn(y, i)
+        if i < last:
+            h = F.relu(h)
+        total *= s
+    sc = x if w_proj is None else bn(F.conv2d(x, w_proj, stride=total), len(weights))
+    out = F.relu(h + sc)
+    if record is not None:
+        record["convs"], record["stats"] = convs[:-1], stats
+    return out
+
+
+def _outputs(out: Tensor, convs: Sequence[Tensor], n_saved: int, stats) -> list[Tensor]:
+    cl = torch.channels_last
+    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else \
+        [out.new_empty((0,)) for _ in range(n_saved)]
+    return [out.contiguous(memory_format=cl)] + saved + [t.clone() for pair in stats for t in pair]
+
+
+@torch.library.custom_op("resnet_fused::postact_block_forward", mutates_args=())
+def postact_block_forward(
+    x: Tensor, weights: List[Tensor], w_proj: Optional[Tensor],
+    bn_weights: List[Tensor], bn_biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
+    training: List[bool], eps: List[float], strides: List[int], groups: List[int], fold_eval: bool, backend: str,
+) -> List[Tensor]:
+    """[out, y0 .. y_{last-1}, mean0, var0, mean1, var1, ...] of a post-activation unit."""
+    _check_backend(backend)
+    n_saved = len(weights) - 1
+    if runs_fused(x, backend):
+        norms = [fused_postact.NormInputs(w, b, m, v, t, e)
+                 for w, b, m, v, t, e in zip(bn_weights, bn_biases, running_means, running_vars, training, eps)]
+        out, convs, affines = fused_postact.postact_forward(
+            _kernel_set(backend), x, weights, w_proj, norms, strides=strides, groups=groups, fold_eval=fold_eval)
+        return _outputs(out, convs, n_saved, [(a.mean, a.var) for a in affines])
+    record: dict = {}
+    out = reference_postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
+                                  training, eps, strides, groups, record)
+    convs = [] if _folds(fold_eval, training) else record["convs"]
+    return _outputs(out, convs, n_saved, record["stats"])
+
+
+@postact_block_forward.register_fake
+def _(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps, strides, groups,
+      fold_eval, backend):
+    n, _, h, w = x.shape
+    cl = torch.channels_last
+    shapes = []
+    for wt, s in zip(weights, strides):
+        h, w = _out_hw(h, w, s)
+        shapes.append((wt.shape[0], h, w))
+    out = torch.empty((n, *shapes[-1]), dtype=x.dtype, device=x.device, memory_format=cl)
+    fold = _folds(fold_eval, training)
+    convs = [x.new_empty((0,)) if fold else
+             torch.empty((n, *shape), dtype=x.dtype, device=x.device, memory_format=cl) for shape in shapes[:-1]]
+    ct = reference.stats_dtype(x.dtype)
+    return [out] + convs + [x.new_empty((t.shape[0],), dtype=ct) for t in bn_weights for _ in range(2)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps, strides, groups,
+     fold_eval, backend) = inputs
+    n_convs, n_norms = len(weights), len(bn_weights)
+    ctx.backend, ctx.training, ctx.eps = backend, list(training), list(eps)
+    ctx.strides, ctx.groups, ctx.n_convs, ctx.n_norms = list(strides), list(groups), n_convs, n_norms
+    ys = output[1:n_convs]
+    stats = output[n_convs:]
+    save_named(ctx, x=x, w_proj=w_proj,
+               **{f"w{i}": w for i, w in enumerate(weights)},
+               **{f"y{i}": y for i, y in enumerate(ys)},
+               **{f"bn_weight{i}": t for i, t in enumerate(bn_weights)},
+               **{f"bn_bias{i}": t for i, t in enumerate(bn_biases)},
+               **{f"mean{i}": stats[2 * i] for i in range(n_norms)},
+               **{f"var{i}": stats[2 * i + 1] for i in range(n_norms)})
+    ctx.mark_non_differentiable(*output[1:])
+
+
+@torch.library.custom_op("resnet_fused::postact_block_backward", mutates_args=())
+def postact_block_backward(
+    grad_out: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], w_proj: Optional[Tensor],
+    bn_weights: List[Tensor], bn_biases: List[Tensor], means: List[Tensor], vars: List[Tensor],
+    training: List[bool], eps: List[float], strides: List[int], groups: List[int], backend: str,
+) -> List[Tensor]:
+    """[dx, dW0 .. dW_last, dw_proj (empty without projection), dgamma per norm, dbeta per norm]."""
+    norms = [fused_postact.SavedNorm(w, b, m, v, e, t)
+             for w, b, m, v, t, e in zip(bn_weights, bn_biases, means, vars, training, eps)]
+    g = fused_postact.postact_backward(_kernel_set(backend), grad_out, x, ys, weights, w_proj, norms,
+                                       strides=strides, groups=groups)
+    out = [g["x"].contiguous(memory_format=torch.channels_last)]
+    out += [d.contiguous() for d in g["weights"]]
+    out.append(g["w_proj"].contiguous() if g["w_proj"] is not None else x.new_empty((0,)))
+    return out + list(g["bn_weight"]) + list(g["bn_bias"])
+
+
+@postact_block_backward.register_fake
+def _(grad_out, x, ys, weights, w_proj, bn_weights, bn_biases, means, vars, training, eps, strides, groups,
+      backend):
+    out = [torch.empty_like(x, memory_format=torch.channels_last)]
+    out += [torch.empty_like(w) for w in weights]
+    out.append(torch.empty_like(w_proj) if w_proj is not None else x.new_empty((0,)))
+    ct = reference.stats_dtype(x.dtype)
+    return out + [torch.empty(t.shape, dtype=ct, device=t.device) for t in (*bn_weights, *bn_biases)]
+
+
+def _reference_grads(ctx, saved: dict, grad_out: Tensor) -> tuple:
+    """The CPU fallback: gradients by re-running the reference block on the saved input."""
+    n_convs, n_norms = ctx.n_convs, ctx.n_norms
+    leaf = {k: v.detach().requires_grad_() for k, v in saved.items()
+            if k == "x" or k == "w_proj" or k.startswith(("w", "bn_"))}
+    with torch.enable_grad():
+        out = reference_postact_block(
+            leaf["x"], [leaf[f"w{i}"] for i in range(n_convs)], leaf.get("w_proj"),
+            [leaf[f"bn_weight{i}"] for i in range(n_norms)], [leaf[f"bn_bias{i}"] for i in range(n_norms)],
+            [saved[f"mean{i}"] for i in range(n_norms)], [saved[f"var{i}"] for i in range(n_norms)],
+            ctx.training, ctx.eps, ctx.strides, ctx.groups)
+        grads = torch.autograd.grad(out, list(leaf.values()), grad_out.to(out.dtype), allow_unused=True)
+    return dict(zip(leaf, grads))
+
+
+def _backward(ctx, grads):
+    _check_no_double_backward()
+    saved = load_saved(ctx)
+    n_convs, n_norms = ctx.n_convs, ctx.n_norms
+    if runs_fused(saved["x"], ctx.backend):
+        out = torch.ops.resnet_fused.postact_block_backward(
+            grads[0], saved["x"], [saved[f"y{i}"] for i in range(n_convs - 1)],
+            [saved[f"w{i}"] for i in range(n_convs)], saved.get("w_proj"),
+            [saved[f"bn_weight{i}"] for i in range(n_norms)], [saved[f"bn_bias{i}"] for i in range(n_norms)],
+            [saved[f"mean{i}"] for i in range(n_norms)], [saved[f"var{i}"] for i in range(n_norms)],
+            ctx.training, ctx.eps, ctx.strides, ctx.groups, ctx.backend)
+        g = {"x": out[0], **{f"w{i}": out[1 + i] for i in range(n_convs)},
+             "w_proj": out[1 + n_convs] if "w_proj" in saved else None}
+        g.update({f"bn_weight{i}": out[2 + n_convs + i] for i in range(n_norms)})
+        g.update({f"bn_bias{i}": out[2 + n_convs + n_norms + i] for i in range(n_norms)})
+    else:
+        g = _reference_grads(ctx, saved, grads[0])
+    g = {k: (v.to(saved[k].dtype) if v is not None and k in saved else v) for k, v in g.items()}
+    return (g["x"], [g[f"w{i}"] for i in range(n_convs)], g.get("w_proj"),
+            [g[f"bn_weight{i}"] for i in range(n_norms)], [g[f"bn_bias{i}"] for i in range(n_norms)],
+            [None] * n_norms, [None] * n_norms, None, None, None, None, None, None)
+
+
+postact_block_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,371 @@
+"""Fused post-activation ResNet blocks: drop-ins for torchvision's and timm's ``Bottleneck`` /
+``BasicBlock`` (ResNet v1.5 and v1, ResNeXt), running ``resnet_fused::postact_block_forward``.
+
+* :class:`FusedPostActBottleneck` / :class:`FusedPostActBasicBlock`: torchvision's constructor
+  (``inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer``) and
+  submodules ``conv1, bn1, conv2, bn2, conv3, bn3, relu, downsample`` (state_dict keys
+  ``conv1.weight``, ``bn1.*``, ..., ``downsample.0.weight``, ``downsample.1.*``), plus the keyword
+  ``stride_on`` ("3x3": v1.5, torchvision's; "1x1": v1, the stride on the first 1x1) and
+  ``backend``.
+* :class:`FusedTimmBottleneck` / :class:`FusedTimmBasicBlock`: timm's ``resnet`` constructor
+  (``cardinality, reduce_first, first_dilation, act_layer, attn_layer, aa_layer, drop_block,
+  drop_path``, ...) and submodules (``act1``..``act3``, ``aa``, ``se``, ``drop_block``,
+  ``drop_path``), same keys as timm. Options the kernels do not compute (attention, anti-aliasing,
+  DropBlock, drop path, dilation, an activation other than ReLU) raise ValueError: keep timm's
+  block for those (``convert`` leaves them eager and lists them).
+
+Norms: ``nn.BatchNorm2d`` (affine; train, eval or frozen = eval mode inside a training model) or
+``torchvision.ops.FrozenBatchNorm2d`` (always a constant affine; its parameters are buffers).
+A downsample is ``None`` or ``Sequential(Conv2d 1x1 stride s, norm)``. Dtypes as eager: after
+``.to(dtype)`` everything in that dtype (statistics in fp32); under autocast the convs in the
+autocast dtype, BN in fp32. The output keeps the input's memory format (NCHW or channels_last).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .backends import block_backend, resolve_backend
+from .ops import postact_blocks as postact_ops
+
+__all__ = ["FusedPostActBottleneck", "FusedPostActBasicBlock", "FusedTimmBottleneck", "FusedTimmBasicBlock",
+           "is_frozen_norm", "downsample_parts", "postact_units"]
+
+
+def is_frozen_norm(norm: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (or a class of that name with the same buffers)."""
+    return type(norm).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(getattr(norm, k, None), Tensor) for k in ("weight", "bias", "running_mean", "running_var"))
+
+
+def norm_problem(norm: Any) -> Optional[str]:
+    """Why the fused kernels cannot compute ``norm``, or None."""
+    if is_frozen_norm(norm):
+        return None
+    if type(norm) is not nn.BatchNorm2d:
+        return f"{type(norm).__name__} (only BatchNorm2d and FrozenBatchNorm2d are fused)"
+    if not norm.affine:
+        return "BatchNorm2d(affine=False) is not fused"
+    return None
+
+
+def downsample_parts(downsample: Optional[nn.Module]) -> Optional[tuple[nn.Conv2d, nn.Module]]:
+    """(conv, norm) of a ``Sequential(Conv2d 1x1, norm)`` downsample; None for no downsample.
+    Raises ValueError for any other downsample."""
+    if downsample is None:
+        return None
+    if type(downsample) is not nn.Sequential or len(downsample) != 2 or type(downsample[0]) is not nn.Conv2d:
+        raise ValueError(f"downsample {type(downsample).__name__}: only Sequential(Conv2d 1x1, BatchNorm) is fused "
+                         "(average-pool shortcuts (ResNet-D) and others are not)")
+    conv, norm = downsample[0], downsample[1]
+    if tuple(conv.kernel_size) != (1, 1) or conv.bias is not None or conv.groups != 1 or \
+            tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1) or conv.stride[0] != conv.stride[1]:
+        raise ValueError("downsample conv: only a 1x1 conv without bias, padding, dilation or groups is fused")
+    problem = norm_problem(norm)
+    if problem is not None:
+        raise ValueError(f"downsample norm: {problem}")
+    return conv, norm
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _PostActBlock(nn.Module):
+    """What the four drop-ins share: the eager forward, the op call, running statistics."""
+
+    kind: str = "bottleneck"
+    backend: str
+
+    # Subclasses: names of the conv / norm submodules in chain order, strides and groups per conv.
+    def _chain(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        raise NotImplementedError
+
+    def _strides(self) -> list[int]:
+        return [int(conv.stride[0]) for conv, _ in self._chain()]
+
+    def _groups(self) -> list[int]:
+        return [int(conv.groups) for conv, _ in self._chain()]
+
+    def _check_fusable(self) -> None:
+        for i, (conv, norm) in enumerate(self._chain()):
+            problem = norm_problem(norm)
+            if problem is not None:
+                raise ValueError(f"{type(self).__name__}: norm {i + 1}: {problem}")
+            if tuple(conv.dilation) != (1, 1):
+                raise ValueError(f"{type(self).__name__}: dilated convolutions are not fused; keep the eager block")
+        downsample_parts(self.downsample)
+
+    # --- eager ---------------------------------------------------------------------------
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        chain = self._chain()
+        h = x
+        for i, (conv, norm) in enumerate(chain):
+            h = norm(conv(h))
+            if i < len(chain) - 1:
+                h = F.relu(h)
+        sc = self.downsample(x) if self.downsample is not None else x
+        return F.relu(h + sc)
+
+    # --- fused ---------------------------------------------------------------------------
+    def _norm_list(self) -> list[nn.Module]:
+        norms = [norm for _, norm in self._chain()]
+        parts = downsample_parts(self.downsample)
+        return norms + ([parts[1]] if parts is not None else [])
+
+    @staticmethod
+    def _trains(norm: nn.Module) -> bool:
+        if is_frozen_norm(norm):
+            return False
+        return bool(norm.training or norm.running_mean is None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = block_backend(self.backend, x, f"postact_{self.kind}")
+        if backend == "reference":
+            return self._eager_forward(x)
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) tensor")
+        chain = self._chain()
+        parts = downsample_parts(self.downsample)
+        weights = [conv.weight for conv, _ in chain]
+        w_proj = parts[0].weight if parts is not None else None
+        xc = x
+        cast = _autocast_dtype(x.device.type)
+        if cast is not None and x.is_floating_point():
+            xc = x.to(cast)
+            weights = [w.to(cast) for w in weights]
+            w_proj = w_proj.to(cast) if w_proj is not None else None
+        if weights[0].dtype != xc.dtype:
+            raise TypeError(f"{type(self).__name__}: input dtype {xc.dtype} and weight dtype {weights[0].dtype} "
+                            "differ; convert the module with .to(dtype), or run it under torch.autocast")
+        norms = self._norm_list()
+        training = [self._trains(n) for n in norms]
+        empty = xc.new_empty((0,), dtype=torch.float32)
+        strides, groups = self._strides(), self._groups()
+        n, _, h, w = x.shape
+        counts = []
+        for s in strides:
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1
+            counts.append(n * h * w)
+        if parts is not None:
+            counts.append(counts[-1])
+        for trains, count in zip(training, counts):
+            if trains and count == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{list(x.shape)} ({type(self).__name__}: a norm sees one value per channel)")
+        fold = not any(training) and not (
+            torch.is_grad_enabled() and (xc.requires_grad or any(p.requires_grad for p in self.parameters())))
+        outs = postact_ops.postact_block_forward(
+            xc, weights, w_proj,
+            [nm.weight for nm in norms], [nm.bias for nm in norms],
+            [nm.running_mean if nm.running_mean is not None else empty for nm in norms],
+            [nm.running_var if nm.running_var is not None else empty for nm in norms],
+            training, [float(nm.eps) for nm in norms], strides, groups, fold, backend)
+        stats = outs[len(weights):]
+        for i, (nm, trains) in enumerate(zip(norms, training)):
+            if not (trains and nm.training and nm.running_mean is not None):
+                continue
+            if counts[i] == 0:
+                nm.num_batches_tracked.add_(1)
+            else:
+                reference.update_running_stats(nm.running_mean, nm.running_var, nm.num_batches_tracked,
+                                               stats[2 * i], stats[2 * i + 1], counts[i], nm.momentum)
+        out = outs[0]
+        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            return out.contiguous()
+        return out
+
+
+def _norm(norm_layer: Optional[Callable[..., nn.Module]], channels: int, **dd: Any) -> nn.Module:
+    return (norm_layer or nn.BatchNorm2d)(channels, **dd)
+
+
+class FusedPostActBottleneck(_PostActBlock):
+    """torchvision's ``Bottleneck`` (v1.5: stride on the 3x3), fused; ``stride_on="1x1"`` puts
+    the stride on conv1 (ResNet v1). Same arguments, submodules and state_dict keys."""
+
+    expansion: int = 4
+    kind = "bottleneck"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, stride_on: str = "3x3",
+                 backend: str = "triton") -> None:
+        super().__init__()
+        if stride_on not in ("3x3", "1x1"):
+            raise ValueError(f"stride_on must be '3x3' or '1x1', got {stride_on!r}")
+        width = int(planes * (base_width / 64.0)) * groups
+        s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, stride=s1, bias=False)
+        self.bn1 = _norm(norm_layer, width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=s2, padding=dilation, groups=groups, bias=False,
+                               dilation=dilation)
+        self.bn2 = _norm(norm_layer, width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = _norm(norm_layer, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.stride_on = stride_on
+        self.backend = resolve_backend(backend)
+        if self.backend != "reference":
+            self._check_fusable()
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+
+class FusedPostActBasicBlock(_PostActBlock):
+    """torchvision's ``BasicBlock``, fused. Same arguments, submodules and state_dict keys."""
+
+    expansion: int = 1
+    kind = "basic"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None, *, backend: str = "triton") -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = _norm(norm_layer, planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = _norm(norm_layer, planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.backend = resolve_backend(backend)
+        if self.backend != "reference":
+            self._check_fusable()
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+def _check_timm_options(act_layer, attn_layer, aa_layer, drop_block, drop_path, dilation, first_dilation) -> None:
+    if act_layer is not nn.ReLU:
+        raise ValueError(f"act_layer {getattr(act_layer, '__name__', act_layer)}: only ReLU is fused")
+    if attn_layer is not None:
+        raise ValueError("attention (attn_layer) is not fused; keep timm's block")
+    if aa_layer is not None:
+        raise ValueError("anti-aliasing (aa_layer) is not fused; keep timm's block")
+    if drop_block is not None:
+        raise ValueError("DropBlock is not fused; keep timm's block")
+    if drop_path is not None and not (type(drop_path) is nn.Identity or getattr(drop_path, "drop_prob", None) == 0):
+        raise ValueError("drop path > 0 (stochastic depth) is not fused; keep timm's block")
+    if dilation != 1 or (first_dilation or dilation) != 1:
+        raise ValueError("dilation is not fused; keep timm's block")
+
+
+class FusedTimmBottleneck(_PostActBlock):
+    """timm's ``resnet.Bottleneck``, fused (ReLU, no attention / anti-aliasing / DropBlock /
+    drop path / dilation). Same arguments, submodules and state_dict keys."""
+
+    expansion = 4
+    kind = "bottleneck"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 cardinality: int = 1, base_width: int = 64, reduce_first: int = 1, dilation: int = 1,
+                 first_dilation: Optional[int] = None, act_layer: type = nn.ReLU,
+                 norm_layer: type = nn.BatchNorm2d, attn_layer: Optional[type] = None,
+                 aa_layer: Optional[type] = None, drop_block: Optional[type] = None,
+                 drop_path: Optional[nn.Module] = None, device=None, dtype=None, *, backend: str = "triton") -> None:
+        super().__init__()
+        _check_timm_options(act_layer, attn_layer, aa_layer, drop_block, drop_path, dilation, first_dilation)
+        dd = dict(device=device, dtype=dtype)
+        width = int(math.floor(planes * (base_width / 64)) * cardinality)
+        first_planes = width // reduce_first
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, first_planes, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(first_planes, width, 3, stride=stride, padding=1, groups=cardinality, bias=False, **dd)
+        self.bn2 = norm_layer(width, **dd)
+        self.drop_block = nn.Identity()
+        self.act2 = act_layer(inplace=True)
+        self.aa = nn.Identity()
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.se = None
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.dilation = dilation
+        self.drop_path = drop_path
+        self.backend = resolve_backend(backend)
+        if self.backend != "reference":
+            self._check_fusable()
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+
+class FusedTimmBasicBlock(_PostActBlock):
+    """timm's ``resnet.BasicBlock``, fused (same restrictions as :class:`FusedTimmBottleneck`)."""
+
+    expansion = 1
+    kind = "basic"
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 cardinality: int = 1, base_width: int = 64, reduce_first: int = 1, dilation: int = 1,
+                 first_dilation: Optional[int] = None, act_layer: type = nn.ReLU,
+                 norm_layer: type = nn.BatchNorm2d, attn_layer: Optional[type] = None,
+                 aa_layer: Optional[type] = None, drop_block: Optional[type] = None,
+                 drop_path: Optional[nn.Module] = None, device=None, dtype=None, *, backend: str = "triton") -> None:
+        super().__init__()
+        if cardinality != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports cardinality 1 and base_width 64")
+        _check_timm_options(act_layer, attn_layer, aa_layer, drop_block, drop_path, dilation, first_dilation)
+        dd = dict(device=device, dtype=dtype)
+        first_planes = planes // reduce_first
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, first_planes, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(first_planes, **dd)
+        self.drop_block = nn.Identity()
+        self.act1 = act_layer(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = nn.Conv2d(first_planes, outplanes, 3, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(outplanes, **dd)
+        self.se = None
+        self.act2 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.dilation = dilation
+        self.drop_path = drop_path
+        self.backend = resolve_backend(backend)
+        if self.backend != "reference":
+            self._check_fusable()
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn2, "weight", None) is not None:
+            nn.init.zeros_(self.bn2.weight)
+
+    def _chain(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+def postact_units(batch: int = 256) -> list[dict]:
+    """The distinct post-activation units of torchvision's resnet50 (v1.5) at 224x224: one dict per
+    unit shape, for block benchmarks (``FusedPostActBottleneck(**args)``, input ``(batch, *input)``)."""
+    units = []
+    inplanes, size = 64, 56
+    for stage, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=2):
+        units.append(dict(name=f"conv{stage}_x-projection", args=dict(inplanes=inplanes, planes=planes, stride=stride),
+                          projection=True, input=(inplanes, size, size), batch=batch))
+        size //= stride
+        inplanes = planes * 4
+        units.append(dict(name=f"conv{stage}_x-identity", args=dict(inplanes=inplanes, planes=planes),
+                          projection=False, input=(inplanes, size, size), batch=batch))
+    return units
