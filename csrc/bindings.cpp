@@ -18,10 +18,12 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda/bn_elementwise.h"
 #include "cuda/bn_stats.h"
 #include "cuda/conv_fused.h"
+#include "cuda/wmma_host.h"
 
 namespace resnet_fused {
 namespace {
@@ -254,8 +256,9 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
                                                  int64_t shortcut_stride, const OptTensor& proj_w,
                                                  const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                  bool emit_stats, const OptTensor& post_scale,
-                                                 const OptTensor& post_shift, int64_t algo) {
-  const char* op = "resnet_fused.conv_fwd";
+                                                 const OptTensor& post_shift, int64_t algo,
+                                                 int64_t test_fault = kWmmaFaultNone) {
+  const char* op = test_fault != kWmmaFaultNone ? "resnet_fused._test_fault_wmma_conv_fwd" : "resnet_fused.conv_fwd";
   const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
   const at::Tensor x = activation(op, "x", x_in, x_in);
   const at::Tensor w = weight(op, "w", w_in, x_in, false);
@@ -355,8 +358,13 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.post_shift = ptr_or_null(post_b);
   p.algo = static_cast<int>(algo);
 
-  run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); },
-         [&] { conv_fwd_host(p, dtype); });
+  run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); }, [&] {
+    if (test_fault != kWmmaFaultNone) {
+      conv_fwd_host_wmma_test_fault(p, dtype, static_cast<int>(test_fault));
+    } else {
+      conv_fwd_host(p, dtype);
+    }
+  });
   return {out, partials};
 }
 
@@ -518,6 +526,28 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
                        proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo);
 }
 
+// TEST ONLY, CPU only: conv_fwd through a copy of the forward's WMMA multiply phase with a
+// deliberate fault (wmma_host.h), for the tests that prove the 16-bit parity checks catch it.
+std::tuple<at::Tensor, at::Tensor> test_fault_wmma_conv_fwd_entry(
+    const at::Tensor& x, const at::Tensor& w, const OptTensor& scale, const OptTensor& shift, int64_t stride,
+    int64_t groups, const OptTensor& shortcut, int64_t shortcut_kind, int64_t shortcut_stride, const OptTensor& proj_w,
+    const OptTensor& proj_scale, const OptTensor& proj_shift, bool emit_stats, const OptTensor& post_scale,
+    const OptTensor& post_shift, int64_t algo, int64_t fault) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "resnet_fused._test_fault_wmma_conv_fwd: the WMMA phases run for float16 and bfloat16 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(fault >= 1 && fault <= kWmmaFaultLast, "resnet_fused._test_fault_wmma_conv_fwd: fault must be 1..",
+              kWmmaFaultLast, ", got ", fault);
+  return conv_fwd_impl(false, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, fault);
+}
+
+// (mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment) performed by the host WMMA shim.
+std::vector<int64_t> wmma_host_counts_op() {
+  const WmmaHostCounts c = wmma_host_counts();
+  return {c.mma_sync, c.load_matrix_sync, c.store_matrix_sync, c.fill_fragment};
+}
+
 template <bool kCuda>
 std::tuple<at::Tensor, at::Tensor> conv_dgrad_entry(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& v,
                                                     const at::Tensor& scale, const at::Tensor& shift,
@@ -671,6 +701,16 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
       "bn_backward_apply_cuda(Tensor g, Tensor v, Tensor a, Tensor b, Tensor c, Tensor? shortcut_grad, "
       "int shortcut_stride) -> Tensor");
   m.def("stats_partials_cuda(Tensor x) -> Tensor");
+  // The host emulator's WMMA shim (csrc/cuda/wmma_host.cuh): warp-level operations performed so
+  // far, [mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment]. No tensor arguments,
+  // one kernel for every backend.
+  m.def("wmma_host_counts_cuda() -> int[]", &resnet_fused::wmma_host_counts_op);
+  // TEST ONLY (CPU kernel only): conv_fwd_cuda through a faulty COPY of the WMMA multiply phase.
+  m.def(
+      "_test_fault_wmma_conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, int groups, "
+      "Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, Tensor? proj_scale, "
+      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo, int fault) "
+      "-> (Tensor out, Tensor partials)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
@@ -695,6 +735,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("relu_grad_sums_cuda", &resnet_fused::relu_grad_sums_entry<false>);
   m.impl("bn_backward_apply_cuda", &resnet_fused::bn_backward_apply_entry<false>);
   m.impl("stats_partials_cuda", &resnet_fused::stats_partials_entry<false>);
+  m.impl("_test_fault_wmma_conv_fwd_cuda", &resnet_fused::test_fault_wmma_conv_fwd_entry);
 }
 
 // A plain Python extension module with no functions: importing

@@ -16,7 +16,7 @@ import importlib
 import threading
 from types import ModuleType
 
-__all__ = ["load", "is_available", "unavailable_reason", "require"]
+__all__ = ["load", "is_available", "unavailable_reason", "require", "wmma_host_counts"]
 
 _BUILD_HINT = (
     "Build it with a CUDA toolkit installed (no GPU needed): "
@@ -28,6 +28,15 @@ _BUILD_HINT = (
 # Every op resnet_fused._C defines (csrc/bindings.cpp); each has a fake impl below.
 CPP_OPS = ("bn_stats_cuda", "conv_fwd_cuda", "conv_dgrad_cuda", "conv_wgrad_cuda", "bn_relu_apply_cuda",
            "relu_grad_sums_cuda", "bn_backward_apply_cuda", "stats_partials_cuda")
+# Ops of the host emulator that take no tensors (one kernel for every backend, no fake needed):
+# the WMMA shim's counters (csrc/cuda/wmma_host.cuh).
+EMULATOR_OPS = ("wmma_host_counts_cuda",)
+# TEST-ONLY ops, CPU kernel only, never called by the package: the forward through a faulty copy
+# of the WMMA multiply phase (csrc/cuda/wmma_test_faults.cu), for tests/test_cuda_kernels.py.
+TEST_FAULT_OPS = ("_test_fault_wmma_conv_fwd_cuda",)
+# Faults of _test_fault_wmma_conv_fwd_cuda (WmmaTestFault in csrc/cuda/wmma_host.h).
+WMMA_TEST_FAULTS = {"lda_is_width": 1, "ldm_not_16_bytes": 2, "pointer_not_32_bytes": 3, "lane_divergent": 4}
+_WMMA_COUNTERS = ("mma_sync", "load_matrix_sync", "store_matrix_sync", "fill_fragment")
 
 # Rows of one M tile of the C++ conv GEMMs (kConvTileM in csrc/cuda/conv_fused.h): the sums of
 # conv_dgrad_cuda and the elementwise passes' partials have ceil(M / CONV_TILE_M) rows.
@@ -102,6 +111,16 @@ def require(feature: str) -> ModuleType:
     return module
 
 
+def wmma_host_counts() -> dict[str, int]:
+    """Warp-level WMMA operations the host emulator's WMMA shim has performed in this process
+    (keys: mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment). The CPU runs of the
+    fp16/bf16 conv kernels go through it; the counts let tests prove that they did."""
+    import torch
+
+    require("the WMMA shim's counters")
+    return dict(zip(_WMMA_COUNTERS, torch.ops.resnet_fused.wmma_host_counts_cuda()))
+
+
 def _register_fakes() -> None:
     """Shape/dtype-only implementations of the C++ ops, for meta tensors and torch.compile.
 
@@ -110,7 +129,7 @@ def _register_fakes() -> None:
     """
     import torch
 
-    for name in CPP_OPS:
+    for name in CPP_OPS + EMULATOR_OPS + TEST_FAULT_OPS:
         if not hasattr(torch.ops.resnet_fused, name):
             raise RuntimeError(f"torch.ops.resnet_fused.{name} is missing: the build is stale, rebuild it")
 

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "conv_fused.h"
+#include "wmma_host.cuh"
 
 #if defined(__CUDACC__)
 #define RF_HD __host__ __device__ __forceinline__
@@ -248,61 +249,123 @@ RF_HD void mma_stash_simt(int tid, const SimtAcc<Acc>& acc, TileSmem<T, Acc, R>&
   }
 }
 
-#if defined(__CUDACC__)
-// Device multiply: the portable tile for fp32/fp64, tensor cores for fp16/bf16 (fp32
-// accumulate). 8 warps as 4 (rows) x 2 (columns), each a 16x32 slab of two 16x16 fragments.
+// The multiply phase as an object per thread (its accumulator is the thread's registers):
+// zero(), then step(tid, smem) once per K step, then stash(tid, smem) writes the accumulator tile
+// C [kBM x kBN] (pitch kLdC) over the A/B tiles. Two implementations:
+//   SimtMma   the portable 4x4 register tile: fp32/fp64 on the device and on the host;
+//   WmmaMma   tensor cores for fp16/bf16 (fp32 accumulate), written against a WMMA API policy W:
+//             DeviceWmmaApi (nvcuda::wmma) in the kernel, HostWmmaApi (wmma_host.cuh) in the
+//             emulator, so the CPU runs the same fragment pointers, ldm and layouts as the GPU.
 template <typename T, typename Acc>
-struct DeviceMma {
+struct SimtMma {
   SimtAcc<Acc> acc;
-  __device__ __forceinline__ void zero() { mma_zero_simt(acc); }
+  RF_HD void zero() { mma_zero_simt(acc); }
   template <size_t R>
-  __device__ __forceinline__ void step(int tid, const TileSmem<T, Acc, R>& s) {
+  RF_HD void step(int tid, const TileSmem<T, Acc, R>& s) {
     mma_step_simt(tid, s, acc);
   }
   template <size_t R>
-  __device__ __forceinline__ void stash(int tid, TileSmem<T, Acc, R>& s) {
+  RF_HD void stash(int tid, TileSmem<T, Acc, R>& s) {
     mma_stash_simt(tid, acc, s);
   }
 };
 
-template <typename T>
+// 8 warps as 4 (rows) x 2 (columns), each a 16x32 slab of two m16n16k16 accumulators. Pointer and
+// ldm rules (32-byte aligned pointer, ldm a multiple of 16 bytes): A rows are kLdA = 40 elements
+// (80 B), a warp's first row row0 * 80 B = 1280 B multiples, kk steps 32 B; B rows kLdB = 72
+// elements (144 B), kk steps 16 rows (2304 B), columns 32 B; C rows kLdC = 68 floats (272 B),
+// 16 rows 4352 B; raw is alignas(128).
+// (The hd_warning pragma: each instantiation calls only its own side's API, the device one from
+// the kernel and the host one from the emulator.)
+template <typename T, class W>
 struct WmmaMma {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> frag[2];
-  __device__ __forceinline__ void zero() {
-    nvcuda::wmma::fill_fragment(frag[0], 0.0f);
-    nvcuda::wmma::fill_fragment(frag[1], 0.0f);
+  using FragAcc = typename W::template fragment<typename W::accumulator, 16, 16, 16, float>;
+  using FragA = typename W::template fragment<typename W::matrix_a, 16, 16, 16, T, typename W::row_major>;
+  using FragB = typename W::template fragment<typename W::matrix_b, 16, 16, 16, T, typename W::row_major>;
+  FragAcc frag[2];
+#pragma nv_exec_check_disable
+  RF_HD void zero() {
+    W::fill_fragment(frag[0], 0.0f);
+    W::fill_fragment(frag[1], 0.0f);
   }
+#pragma nv_exec_check_disable
   template <size_t R>
-  __device__ __forceinline__ void step(int tid, const TileSmem<T, float, R>& s) {
+  RF_HD void step(int tid, const TileSmem<T, float, R>& s) {
     const int warp = tid / 32;
     const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
-#pragma unroll
+    RF_UNROLL
     for (int kk = 0; kk < kBK; kk += 16) {
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
-      nvcuda::wmma::load_matrix_sync(fa, s.a() + row0 * kLdA + kk, kLdA);
-#pragma unroll
+      FragA fa;
+      W::load_matrix_sync(fa, s.a() + row0 * kLdA + kk, kLdA);
+      RF_UNROLL
       for (int j = 0; j < 2; ++j) {
-        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> fb;
-        nvcuda::wmma::load_matrix_sync(fb, s.b() + kk * kLdB + col0 + 16 * j, kLdB);
-        nvcuda::wmma::mma_sync(frag[j], fa, fb, frag[j]);
+        FragB fb;
+        W::load_matrix_sync(fb, s.b() + kk * kLdB + col0 + 16 * j, kLdB);
+        W::mma_sync(frag[j], fa, fb, frag[j]);
       }
     }
   }
+#pragma nv_exec_check_disable
   template <size_t R>
-  __device__ __forceinline__ void stash(int tid, TileSmem<T, float, R>& s) {
+  RF_HD void stash(int tid, TileSmem<T, float, R>& s) {
     const int warp = tid / 32;
     const int row0 = (warp / 2) * 16, col0 = (warp % 2) * 32;
-#pragma unroll
+    RF_UNROLL
     for (int j = 0; j < 2; ++j) {
-      nvcuda::wmma::store_matrix_sync(s.c() + row0 * kLdC + col0 + 16 * j, frag[j], kLdC,
-                                      nvcuda::wmma::mem_row_major);
+      W::store_matrix_sync(s.c() + row0 * kLdC + col0 + 16 * j, frag[j], kLdC, W::mem_row_major);
     }
   }
 };
-template <>
-struct DeviceMma<__half, float> : WmmaMma<__half> {};
-template <>
-struct DeviceMma<__nv_bfloat16, float> : WmmaMma<__nv_bfloat16> {};
+
+// The multiply a storage type gets: WMMA for the 16-bit types, the register tile otherwise.
+template <typename T>
+struct IsWmmaType : std::integral_constant<bool, std::is_same<T, __half>::value ||
+                                                     std::is_same<T, __nv_bfloat16>::value> {};
+template <typename T, typename Acc, class W>
+using MmaFor = typename std::conditional<IsWmmaType<T>::value, WmmaMma<T, W>, SimtMma<T, Acc>>::type;
+
+// What the emulator runs (wmma_host.cuh for the 16-bit types).
+template <typename T, typename Acc>
+using HostMma = MmaFor<T, Acc, HostWmmaApi>;
+
+#if defined(__CUDACC__)
+// nvcuda::wmma behind the same names as HostWmmaApi.
+struct DeviceWmmaApi {
+  template <class Use, int M, int N, int K, class T, class Layout = void>
+  using fragment = nvcuda::wmma::fragment<Use, M, N, K, T, Layout>;
+  using matrix_a = nvcuda::wmma::matrix_a;
+  using matrix_b = nvcuda::wmma::matrix_b;
+  using accumulator = nvcuda::wmma::accumulator;
+  using row_major = nvcuda::wmma::row_major;
+  using col_major = nvcuda::wmma::col_major;
+  using layout_t = nvcuda::wmma::layout_t;
+  static constexpr layout_t mem_row_major = nvcuda::wmma::mem_row_major;
+  static constexpr layout_t mem_col_major = nvcuda::wmma::mem_col_major;
+
+  template <class F, class V>
+  static __device__ __forceinline__ void fill_fragment(F& f, V value) {
+    nvcuda::wmma::fill_fragment(f, value);
+  }
+  template <class F, class P>
+  static __device__ __forceinline__ void load_matrix_sync(F& f, const P* ptr, unsigned ldm) {
+    nvcuda::wmma::load_matrix_sync(f, ptr, ldm);
+  }
+  template <class F, class P>
+  static __device__ __forceinline__ void load_matrix_sync(F& f, const P* ptr, unsigned ldm, layout_t layout) {
+    nvcuda::wmma::load_matrix_sync(f, ptr, ldm, layout);
+  }
+  template <class P, class F>
+  static __device__ __forceinline__ void store_matrix_sync(P* ptr, const F& f, unsigned ldm, layout_t layout) {
+    nvcuda::wmma::store_matrix_sync(ptr, f, ldm, layout);
+  }
+  template <class D, class A, class B, class C>
+  static __device__ __forceinline__ void mma_sync(D& d, const A& a, const B& b, const C& c) {
+    nvcuda::wmma::mma_sync(d, a, b, c);
+  }
+};
+
+template <typename T, typename Acc>
+using DeviceMma = MmaFor<T, Acc, DeviceWmmaApi>;
 
 // One thread block of `Problem`; the phase order is the definition of the algorithm and is
 // mirrored exactly by run_blocks_host below. At least 2 resident blocks per SM: caps registers
@@ -354,34 +417,44 @@ void poison_host(Smem& s) {
   std::memset(s.raw, 0xff, sizeof(s.raw));
 }
 
-// tid = (i * 97) mod 256 visits every thread once (97 is odd).
+// tid = (i * 97) mod 256 visits every thread once (97 is odd). Inside an emulator run with WMMA
+// (wmma_host::Emulation in scope) the phase also tells the WMMA shim which thread is calling and
+// checks, at its end, that the lanes of each warp made the same WMMA calls.
 template <class F>
 void for_each_thread_host(F&& f) {
   static_assert((kThreads & (kThreads - 1)) == 0, "the permutation needs a power-of-two block");
-  for (int i = 0; i < kThreads; ++i) f((i * 97) & (kThreads - 1));
+  wmma_host::Phase phase;
+  for (int i = 0; i < kThreads; ++i) {
+    const int tid = (i * 97) & (kThreads - 1);
+    phase.enter(tid);
+    f(tid);
+  }
+  phase.finish();
 }
 
 // Every block of the grid, every phase over all thread indices before the next phase (which is
-// what __syncthreads() guarantees on the device).
-template <class Problem>
+// what __syncthreads() guarantees on the device). `Mma` is the multiply phase (HostMma: the WMMA
+// shim for fp16/bf16, the register tile otherwise), one object per thread as on the device.
+template <class Problem, class Mma = HostMma<typename Problem::T, typename Problem::Acc>>
 void run_blocks_host(const typename Problem::Args& args, dim3 grid) {
   using T = typename Problem::T;
   using Acc = typename Problem::Acc;
   std::unique_ptr<TileSmem<T, Acc>> smem(new TileSmem<T, Acc>());
-  std::vector<SimtAcc<Acc>> acc(kThreads);
+  const wmma_host::Emulation emulation(smem->raw, sizeof(smem->raw), kThreads);
+  std::vector<Mma> mma(kThreads);
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         const typename Problem::Block blk = Problem::block(bx, by, bz, args);
         poison_host(*smem);
         for_each_thread_host([&](int tid) { Problem::setup(blk, tid, *smem, args); });
-        for_each_thread_host([&](int tid) { mma_zero_simt(acc[tid]); });
+        for_each_thread_host([&](int tid) { mma[tid].zero(); });
         const int steps = Problem::num_steps(blk, args);
         for (int step = 0; step < steps; ++step) {
           for_each_thread_host([&](int tid) { Problem::load(blk, step, tid, *smem, args); });
-          for_each_thread_host([&](int tid) { mma_step_simt(tid, *smem, acc[tid]); });
+          for_each_thread_host([&](int tid) { mma[tid].step(tid, *smem); });
         }
-        for_each_thread_host([&](int tid) { mma_stash_simt(tid, acc[tid], *smem); });
+        for_each_thread_host([&](int tid) { mma[tid].stash(tid, *smem); });
         for_each_thread_host([&](int tid) { Problem::epilogue_elementwise(blk, tid, *smem, args); });
         for_each_thread_host([&](int tid) { Problem::epilogue_columns(blk, tid, *smem, args); });
       }
