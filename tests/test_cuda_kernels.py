@@ -3,8 +3,13 @@
 On a CPU-only machine every op runs its host implementation: the SAME thread-block phase
 functions the CUDA kernels run (conv_tile.cuh), block by block, all thread indices of a phase
 before the next, with an ordinary array for shared memory. So these tests check the tile index
-math, prologues, padding/stride predicates, epilogues and partial layouts of the GPU code; only
-the multiply step differs there (tensor cores for fp16/bf16). The references are eager PyTorch in
+math, prologues, padding/stride predicates, epilogues and partial layouts of the GPU code, and for
+fp16/bf16 the kernels' own tensor-core multiply phases too: the emulator runs their WMMA calls
+through a host WMMA shim (csrc/cuda/wmma_host.cuh) with the same pointers, ldm and layouts, and
+every 16-bit parity test asserts, from the shim's counters, that exactly the expected number of
+warp-level mma_sync operations ran (fp32/fp64 keep the register tile: zero). A faulty copy of the
+WMMA phase (a wrong ldm, a CPU-only test op) must fail the same parity checks; tests below show
+it does. The references are eager PyTorch in
 float64 (conv2d / aten.convolution_backward on explicitly computed activations and gradients)
 from the same input values, so input rounding is not counted as error.
 
@@ -42,6 +47,7 @@ TILE_M, TILE_N, TILE_K = 64, 64, 32
 # eager's fp32 BN does [1e-5], so it gets its own bound. fp16/bf16: the activated operand is
 # rounded to the storage dtype before the multiply (as the Triton kernel does, and as a cuDNN conv
 # of a materialised activation does) and the output once more [fp16 <= 5.4e-4, bf16 <= 4.8e-3].
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 BN_LIKE_FP32_TOL = 1e-4
 # The statistics epilogue is checked against var_mean of the op's own stored output, so its
@@ -126,6 +132,70 @@ def _chan_merge(partials):
         m2 = m2 + m2b + delta * delta * n * nb / total
         n = total
     return mean, m2 / n, n
+
+
+# --- the WMMA shim's counters ----------------------------------------------------------------
+#
+# The CPU runs of the fp16/bf16 kernels perform their tensor-core phases through the host WMMA
+# shim, which counts warp-level operations. Every GEMM block runs 8 warps; a K step of 32 is two
+# k16 steps, each with two accumulators (per-tap / dgrad / wgrad: 16x16x16, two per warp's 16x32
+# slab; halo: two 8x32x16 per warp's 8x64 rows), so 32 mma_sync per block and K step of 32.
+WMMA_DTYPES = (torch.float16, torch.bfloat16)
+MMA_PER_BLOCK_STEP = 8 * 2 * 2
+HALO_CHUNK = 32  # 16-bit input channels per staged chunk (HaloLayout<T>::kK)
+
+
+def _default_3x3_algo():
+    # What bn_relu_conv runs without conv3x3_algo (resnet_fused.cuda.kernels reads the variable).
+    return os.environ.get("RESNET_FUSED_CUDA_CONV3X3", "").strip() or "auto"
+
+
+def _wmma_mma_count():
+    return _extension.wmma_host_counts()["mma_sync"]
+
+
+def _expected_fwd_mma(case, algo="auto"):
+    """mma_sync operations of one forward run: blocks x K steps x 32 (per-tap kernel), or blocks x
+    (chunks x 9 taps + projection steps) x 32 (halo kernel, conv_fwd_uses_halo)."""
+    h_out, w_out = case.out_hw()
+    cin_pg, cout_pg = case.c_in // case.groups, case.c_out // case.groups
+    blocks = (_extension.conv_fwd_tiles_m(case.n, h_out, w_out, case.ksize) * case.groups
+              * math.ceil(cout_pg / TILE_N))
+    proj = math.ceil(case.shortcut_channels / TILE_K) if case.shortcut_kind == 2 else 0
+    halo = case.ksize == 3 and case.stride in (1, 2) and algo != "per_tap"
+    if halo:
+        steps = math.ceil(cin_pg / HALO_CHUNK) * 9 + proj
+    else:
+        steps = case.ksize ** 2 * math.ceil(cin_pg / TILE_K) + proj
+    return blocks * steps * MMA_PER_BLOCK_STEP
+
+
+def _expected_dgrad_mma(case):
+    cin_pg, cout_pg = case.c_in // case.groups, case.c_out // case.groups
+    blocks = math.ceil(case.n * case.hw[0] * case.hw[1] / TILE_M) * case.groups * math.ceil(cin_pg / TILE_N)
+    steps = case.ksize ** 2 * math.ceil(cout_pg / TILE_K) + math.ceil(case.second_channels / TILE_K)
+    return blocks * steps * MMA_PER_BLOCK_STEP
+
+
+def _expected_wgrad_mma(case):
+    """Blocks of (output channels x input channels) per group and tap, times the K steps of every
+    split (the split plan of conv_wgrad_plan in conv_fused.h)."""
+    h_out, w_out = case.out_hw()
+    rows = case.n * h_out * w_out
+    splits = case.splits if case.splits else min(math.ceil(rows / 4096), 64)
+    per = max(math.ceil(math.ceil(rows / max(splits, 1)) / TILE_K) * TILE_K, TILE_K)
+    steps = sum(math.ceil((min(start + per, rows) - start) / TILE_K) for start in range(0, rows, per))
+    cin_pg, cout_pg = case.c_in // case.groups, case.c_out // case.groups
+    blocks = case.groups * math.ceil(cout_pg / TILE_M) * math.ceil(cin_pg / TILE_N) * case.ksize ** 2
+    return blocks * steps * MMA_PER_BLOCK_STEP
+
+
+def _assert_wmma_ran(before, dtype, expected, what):
+    """16-bit: exactly `expected` warp-level mma_sync operations went through the host WMMA shim
+    since `before`; fp32/fp64 (register tile): none."""
+    ran = _wmma_mma_count() - before
+    want = expected if dtype in WMMA_DTYPES else 0
+    assert ran == want, f"{what}: the WMMA shim ran {ran} mma_sync operations, expected {want}"
 
 
 # --- forward ------------------------------------------------------------------------------
@@ -231,8 +301,11 @@ def _check_forward(kernels, case: FwdCase, dtype, gen, **launch):
         assert tiles[axis] >= least, (axis, tiles)
 
     kernels.reset_launch_counts()
+    wmma_before = _wmma_mma_count()
     out, partials = kernels.bn_relu_conv(x, w, **kw, **launch)
     assert kernels.launch_counts()["conv_fwd_cuda"] == 1
+    _assert_wmma_ran(wmma_before, dtype, _expected_fwd_mma(case, launch.get("conv3x3_algo") or _default_3x3_algo()),
+                     f"forward {case.name}")
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
 
     y = _fwd_reference(case, x, w, kw, dtype)
@@ -259,10 +332,11 @@ def _check_forward(kernels, case: FwdCase, dtype, gen, **launch):
     assert ((var - ref_var).abs() / ref_var).max() <= 10 * stats_tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: c.name)
 def test_forward_matches_eager(kernels, case, dtype, gen):
-    # The default kernel choice (the halo-staged kernel for the 3x3 cases).
+    # The default kernel choice (the halo-staged kernel for the 3x3 cases); fp16/bf16 through the
+    # kernels' WMMA phases on the host WMMA shim (asserted in _check_forward).
     _check_forward(kernels, case, dtype, gen)
 
 
@@ -288,7 +362,7 @@ HALO_CASES = [
 
 
 @pytest.mark.parametrize("algo", ["per_tap", "halo"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", HALO_CASES, ids=lambda c: c.name)
 def test_forward_3x3_kernels_match_eager(kernels, case, dtype, algo, gen):
     _check_forward(kernels, case, dtype, gen, conv3x3_algo=algo)
@@ -300,7 +374,9 @@ def test_forward_3x3_kernels_match_eager(kernels, case, dtype, algo, gen):
 def test_forward_3x3_kernels_16bit(kernels, name, dtype, algo, gen):
     case = next(c for c in HALO_CASES if c.name == name)
     x, w, kw = _fwd_inputs(case, dtype, gen)
+    wmma_before = _wmma_mma_count()
     out, _ = kernels.bn_relu_conv(x, w, **kw, conv3x3_algo=algo)
+    _assert_wmma_ran(wmma_before, dtype, _expected_fwd_mma(case, algo), f"16-bit {algo} {name}")
     y = _fwd_reference(case, x, w, kw, dtype)
     if case.post:
         y = torch.relu(y * kw["post_scale"].double().view(1, -1, 1, 1) + kw["post_shift"].double().view(1, -1, 1, 1))
@@ -349,7 +425,9 @@ def test_forward_16bit(kernels, name, dtype, gen):
     # off by ~0.26 relative, DESIGN section 3), then the activation is rounded once to fp16.
     case = next(c for c in FWD_CASES if c.name == name)
     x, w, kw = _fwd_inputs(case, dtype, gen)
+    wmma_before = _wmma_mma_count()
     out, partials = kernels.bn_relu_conv(x, w, **kw)
+    _assert_wmma_ran(wmma_before, dtype, _expected_fwd_mma(case, _default_3x3_algo()), f"16-bit {name}")
     y = _fwd_reference(case, x, w, kw, dtype)
     if case.post:
         y = torch.relu(y * kw["post_scale"].double().view(1, -1, 1, 1) + kw["post_shift"].double().view(1, -1, 1, 1))
@@ -453,7 +531,7 @@ def _dy(g, pro):
     return view(a) * g.double() + view(b) * y.double() + view(c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", DGRAD_CASES, ids=lambda c: c.name)
 def test_dgrad_matches_eager(kernels, case, dtype, gen):
     v, w, g, pro = _grad_inputs(case, dtype, gen)
@@ -470,9 +548,11 @@ def test_dgrad_matches_eager(kernels, case, dtype, gen):
 
     kernels.reset_launch_counts()
     prologue = kernels.GradPrologue(*pro) if pro is not None else None
+    wmma_before = _wmma_mma_count()
     g_masked, sums = kernels.conv_dgrad(g, w, v, scale, shift, mean, invstd, stride=case.stride,
                                         groups=case.groups, prologue=prologue, **extra)
     assert kernels.launch_counts()["conv_dgrad_cuda"] == 1
+    _assert_wmma_ran(wmma_before, dtype, _expected_dgrad_mma(case), f"dgrad {case.name}")
     assert g_masked.dtype == dtype and g_masked.is_contiguous(memory_format=torch.channels_last)
 
     pad = case.ksize // 2
@@ -501,7 +581,9 @@ def test_dgrad_16bit(kernels, dtype, gen):
     case = next(c for c in DGRAD_CASES if c.name == "big_tiles")
     v, w, g, pro = _grad_inputs(case, dtype, gen)
     scale, shift, mean, invstd = _norm(gen, case.c_in, dtype, v)
+    wmma_before = _wmma_mma_count()
     g_masked, sums = kernels.conv_dgrad(g, w, v, scale, shift, mean, invstd, prologue=kernels.GradPrologue(*pro))
+    _assert_wmma_ran(wmma_before, dtype, _expected_dgrad_mma(case), "16-bit dgrad")
     d_a = torch.ops.aten.convolution_backward(_dy(g, pro), v.double(), w.double(), None, [1, 1], [1, 1], [1, 1],
                                               False, [0, 0], 1, [True, False, False])[0]
     mask = (v.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)) > 0
@@ -530,16 +612,18 @@ def _wgrad_reference(case, v, g, pro, scale, shift):
         [pad] * 2, [1, 1], False, [0, 0], case.groups, [False, True, False])[1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: c.name)
 def test_wgrad_matches_eager(kernels, case, dtype, gen):
     v, _, g, pro = _grad_inputs(case, dtype, gen)
     scale, shift = _affine(gen, case.c_in, dtype, 0.3)
     kernels.reset_launch_counts()
     prologue = kernels.GradPrologue(*pro) if pro is not None else None
+    wmma_before = _wmma_mma_count()
     dw = kernels.conv_wgrad(g, v, scale, shift, ksize=case.ksize, stride=case.stride, groups=case.groups,
                             prologue=prologue, splits=case.splits)
     assert kernels.launch_counts()["conv_wgrad_cuda"] == 1
+    _assert_wmma_ran(wmma_before, dtype, _expected_wgrad_mma(case), f"wgrad {case.name}")
     assert dw.shape == (case.c_out, case.c_in // case.groups, case.ksize, case.ksize) and dw.dtype == dtype
     assert dw.is_contiguous()
     _assert_close(dw, _wgrad_reference(case, v, g, pro, scale, shift), TOL[dtype], "weight gradient")
@@ -560,8 +644,115 @@ def test_wgrad_16bit(kernels, dtype, gen):
     case = next(c for c in WGRAD_CASES if c.name == "3x3_g4_cinpg4_3_splits")
     v, _, g, pro = _grad_inputs(case, dtype, gen)
     scale, shift = _affine(gen, case.c_in, dtype, 0.3)
+    wmma_before = _wmma_mma_count()
     dw = kernels.conv_wgrad(g, v, scale, shift, ksize=3, groups=4, prologue=kernels.GradPrologue(*pro), splits=3)
+    _assert_wmma_ran(wmma_before, dtype, _expected_wgrad_mma(case), "16-bit wgrad")
     _assert_close(dw, _wgrad_reference(case, v, g, pro, scale, shift), TOL[dtype], "16-bit weight gradient")
+
+
+# --- a faulty copy of the WMMA phase must fail the 16-bit parity checks -----------------------
+#
+# torch.ops.resnet_fused._test_fault_wmma_conv_fwd_cuda (CPU only, test only) runs the forward with
+# a COPY of its WMMA multiply phase whose A-operand load has a deliberate fault
+# (csrc/cuda/wmma_test_faults.cu); the shipped phases are untouched. The launcher under test is
+# pointed at it by replacing resnet_fused.cuda.kernels._ops, so the parity check is the one the
+# tests above run (_check_forward), unchanged.
+
+# One case per WMMA phase: the per-tap kernel's WmmaMma on a 1x1 and on a 3x3, the halo kernel's
+# HaloWmma at stride 1 (several channel chunks, two N tiles) and at stride 2 with groups.
+FAULT_RUNS = [("1x1_identity_add", "auto"), ("3x3_s2_projection", "per_tap"),
+              ("s1_c40_to_72_chunks_post", "halo"), ("s2_17x18_g4_no_prologue", "halo")]
+
+
+def _fault_case(name):
+    return next(c for c in FWD_CASES + HALO_CASES if c.name == name)
+
+
+def _ops_with_fwd_fault(ops, fault):
+    """torch.ops.resnet_fused with conv_fwd_cuda replaced by the faulty copy (fault None: the real
+    op behind the same wrapper, the control)."""
+    class Ops:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def conv_fwd_cuda(self, *args):
+            if fault is None:
+                return ops.conv_fwd_cuda(*args)
+            return ops._test_fault_wmma_conv_fwd_cuda(*args, _extension.WMMA_TEST_FAULTS[fault])
+
+    return Ops()
+
+
+@pytest.mark.parametrize("dtype", WMMA_DTYPES, ids=str)
+@pytest.mark.parametrize("run", FAULT_RUNS, ids=lambda r: f"{r[0]}-{r[1]}")
+def test_wrong_ldm_in_a_copy_of_the_wmma_phase_fails_parity(ops, kernels, run, dtype, gen, monkeypatch):
+    # The A operand's ldm set to the tile's K width instead of its pitch (per-tap: 32 instead of 40
+    # elements; halo: stride x 32 channels instead of stride x the 48-element pixel pitch): legal
+    # for the hardware (a 16-byte multiple, aligned pointer), so the shim runs it, and the warp
+    # reads the wrong rows, which include the pitch padding that nothing writes (NaN-filled in the
+    # emulator). The unchanged parity check must fail; the control (the real op through the same
+    # wrapper, same inputs) must pass.
+    name, algo = run
+    case = _fault_case(name)
+    launch = {} if algo == "auto" else {"conv3x3_algo": algo}
+    monkeypatch.setattr(kernels, "_ops", lambda: _ops_with_fwd_fault(ops, None))
+    _check_forward(kernels, case, dtype, torch.Generator().manual_seed(7), **launch)
+    monkeypatch.setattr(kernels, "_ops", lambda: _ops_with_fwd_fault(ops, "lda_is_width"))
+    with pytest.raises(AssertionError, match="relative error"):
+        _check_forward(kernels, case, dtype, torch.Generator().manual_seed(7), **launch)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("ldm_not_16_bytes", r"ldm = (36|44) elements \((72|88) bytes\) is not a positive multiple of 16 bytes"),
+    ("pointer_not_32_bytes", r"the pointer is 16 bytes past a 32-byte boundary"),
+    ("lane_divergent", r"warp-collective .* lane 1 of warp 0"),
+])
+@pytest.mark.parametrize("algo", ["per_tap", "halo"])
+def test_wmma_shim_refuses_what_the_hardware_forbids(ops, fault, message, algo, gen):
+    # A copy of the WMMA phase with an ldm that is not a 16-byte multiple, a pointer that is not
+    # 32-byte aligned, or one lane of each warp passing a different (legal) pointer: the shim
+    # raises a clear error naming the call, the value and the emulated thread.
+    case = next(c for c in HALO_CASES if c.name == "s1_7x7_c3_to_12")
+    x, w, kw = _fwd_inputs(case, torch.float16, gen)
+    args = (x, w, kw["scale"], kw["shift"], case.stride, case.groups, None, 0, 1, None, None, None, True, None, None,
+            {"per_tap": 1, "halo": 2}[algo])
+    with pytest.raises(RuntimeError, match=message):
+        ops._test_fault_wmma_conv_fwd_cuda(*args, _extension.WMMA_TEST_FAULTS[fault])
+    ops.conv_fwd_cuda(*args)  # the shipped phase with the same arguments runs
+
+
+def test_fault_op_is_test_only(ops, gen):
+    # CPU kernel only, 16-bit only, faults 1..4 only; it is not one of the package's ops.
+    qualname = "resnet_fused::_test_fault_wmma_conv_fwd_cuda"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    assert "_test_fault_wmma_conv_fwd_cuda" not in _extension.CPP_OPS
+    x = _data(gen, (1, 8, 4, 4), torch.float32)
+    w = _weight(gen, (8, 8, 1, 1), torch.float32)
+    args = (None, None, 1, 1, None, 0, 1, None, None, None, False, None, None, 0)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16 only"):
+        ops._test_fault_wmma_conv_fwd_cuda(x, w, *args, 1)
+    with pytest.raises(RuntimeError, match="fault must be 1..4"):
+        ops._test_fault_wmma_conv_fwd_cuda(x.half(), w.half(), *args, 0)
+
+
+def test_wmma_shim_counts_every_operation(kernels, gen):
+    # One 1x1 forward of 2 x 64 tiles with 2 K steps: 4 blocks x 8 warps; per warp and K step of 32,
+    # 2 A + 4 B loads and 4 mma_sync; per warp 2 fills and 2 stores. fp32 touches none of them.
+    case = next(c for c in FWD_CASES if c.name == "1x1_identity_add")
+    x, w, kw = _fwd_inputs(case, torch.float16, gen)
+    x = torch.cat([x, x])  # M = 4 x 49 = 196 rows: 4 M tiles, one N tile (12 channels), K = 20: 1 step
+    kw["shortcut"] = torch.cat([kw["shortcut"], kw["shortcut"]])
+    before = _extension.wmma_host_counts()
+    kernels.bn_relu_conv(x, w, **kw)
+    after = _extension.wmma_host_counts()
+    delta = {k: after[k] - before[k] for k in after}
+    warps = 4 * 8
+    assert delta == {"mma_sync": warps * 4, "load_matrix_sync": warps * 6, "store_matrix_sync": warps * 2,
+                     "fill_fragment": warps * 2}
+    before = _extension.wmma_host_counts()
+    kernels.bn_relu_conv(x.float(), w.float(), **{k: (v.float() if k == "shortcut" else v) for k, v in kw.items()})
+    assert _extension.wmma_host_counts() == before
 
 
 # --- registration, fakes, opcheck ---------------------------------------------------------
@@ -799,8 +990,8 @@ needs_gpu = pytest.mark.skipif(not glob.glob("/dev/nvidia[0-9]*"), reason="needs
 def test_cuda_matches_host(kernels, dtype, gen):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    # fp16/bf16 multiply on tensor cores on the device and in fp32 on the host: same rounding
-    # of the operands, different summation order.
+    # fp16/bf16: the same WMMA phases on the tensor cores and on the host shim: same rounding of
+    # the operands, exact products, possibly a different fp32 summation order inside an mma.
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     fwd_runs = [(case, "auto") for case in (FWD_CASES[3], FWD_CASES[6])]  # 1x1 kernels
     fwd_runs += [(case, algo) for case in HALO_CASES for algo in ("per_tap", "halo")]

@@ -119,6 +119,21 @@ def test_every_cpp_op_has_cpu_and_cuda_kernels_and_a_fake(bn_stats):
         assert singleton.find(qualname).fake_impl.kernel is not None, f"{name} has no fake impl"
 
 
+def test_emulator_and_test_fault_ops_are_registered(bn_stats):
+    # The WMMA shim's counter op (no tensors: one kernel for every backend) and the test-only
+    # fault op, which has a CPU kernel and no CUDA one: it never runs on a device.
+    counts = torch.ops.resnet_fused.wmma_host_counts_cuda()
+    assert isinstance(counts, list) and len(counts) == 4 and all(isinstance(c, int) and c >= 0 for c in counts)
+    assert _extension.wmma_host_counts() == dict(
+        zip(("mma_sync", "load_matrix_sync", "store_matrix_sync", "fill_fragment"), counts))
+    for name in _extension.TEST_FAULT_OPS:
+        qualname = f"resnet_fused::{name}"
+        assert name.startswith("_test_fault_"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU"), name
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"), name
+        assert name not in _extension.CPP_OPS
+
+
 def test_python_ops_share_the_namespace(bn_stats):
     # The C++ side registers with TORCH_LIBRARY_FRAGMENT, so Python custom_ops can be added to
     # the same namespace (a second TORCH_LIBRARY would abort the process). Run in a subprocess

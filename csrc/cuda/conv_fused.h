@@ -14,8 +14,8 @@
 // runs the phases with __syncthreads() between them; the host implementation (`*_host`) runs
 // the SAME phase functions for every block, all threads of one phase before the next, on an
 // ordinary array standing in for shared memory. CPU tests therefore check the index math,
-// prologues, predicates, epilogues and partial layouts the GPU runs; only the multiply step may
-// differ (tensor cores for fp16/bf16 on the device, a plain loop on the host).
+// prologues, predicates, epilogues and partial layouts the GPU runs, and for fp16/bf16 the WMMA
+// multiply phase too (through a host implementation of the WMMA calls, wmma_host.cuh).
 //
 // Layouts (all tensors dense, element strides implied):
 //   activations   NHWC: [N, H, W, C]

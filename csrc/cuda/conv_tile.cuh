@@ -13,9 +13,10 @@
 // run_blocks_host runs them on the CPU for every block, looping over all 256 thread indices of a
 // phase (in a scrambled order, on NaN-poisoned storage; see the emulator section) before
 // starting the next one, with TileSmem as an ordinary host object: the same code,
-// the same predicates, the same partial layouts, so CPU tests exercise what the GPU runs. Only
-// the multiply step differs: fp16/bf16 use tensor cores (WMMA fragments on the shared tiles) on
-// the device, everything else (and the host) a plain per-thread 4x4 register tile.
+// the same predicates, the same partial layouts, so CPU tests exercise what the GPU runs. The
+// multiply step too: fp16/bf16 use tensor cores (WMMA fragments on the shared tiles), written once
+// (WmmaMma) against a WMMA API policy that is nvcuda::wmma on the device and the host WMMA shim
+// (wmma_host.cuh) in the emulator; fp32/fp64 use a plain per-thread 4x4 register tile on both.
 //
 // Correctness first; tuning ideas, in the order they are expected to pay (DESIGN section 7):
 //   * double-buffer the A/B tiles with cp.async (or TMA) so loads overlap the MMAs;
