@@ -13,7 +13,19 @@ PYTEST_ARGS ?=
 PYTEST_JOBS ?= auto
 PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
-.PHONY: venv build test bench bench-models flops clean
+# The GPU machine's versions (torch 2.11 brings triton 3.6; numpy < 2.4 for its interpreter): a
+# second environment, without the extension (it is built against .venv's torch), running the
+# sm_90 AOT compile of every selector config and a short interpreted parity subset.
+# Python 3.12 as on the GPU machine where one runs (a pyenv shim that fails does not count).
+PYTHON211_FOUND := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PYTHON211 ?= $(or $(PYTHON211_FOUND),$(PYTHON))
+VENV211 ?= .venv-torch211
+PY211 := $(VENV211)/bin/python
+TORCH211_TESTS ?= tests/test_triton_aot.py tests/test_triton_forward.py
+TORCH211_SELECT ?= test_triton_aot or (test_forward_parity and bottleneck-projection-s2 and fp16) or (test_backward_parity and bottleneck-projection-s2 and train and fp16) or test_torch_compile_fullgraph
+
+.PHONY: venv build test bench bench-models flops clean venv-torch211 test-torch211 gpu-check-dry-run
 
 venv: $(VENV)/.deps-installed
 
@@ -30,6 +42,23 @@ $(VENV)/.built: $(VENV)/.deps-installed setup.py pyproject.toml $(wildcard csrc/
 
 test: build
 	RESNET_FUSED_REQUIRE_C=$(REQUIRE_C) $(PY) -m pytest --durations=15 $(PYTEST_PARALLEL) $(PYTEST_ARGS) tests
+
+venv-torch211: $(VENV211)/.deps-installed
+
+$(VENV211)/.deps-installed: requirements-torch211.txt
+	test -x $(PY211) || $(PYTHON211) -m venv $(VENV211)
+	$(PY211) -m pip install -r requirements-torch211.txt
+	touch $@
+
+# The package is imported from the source tree (pyproject's pytest pythonpath); _C is not built
+# here (it belongs to .venv's torch), so the tests that need it skip, and REQUIRE_C stays 0.
+test-torch211: venv-torch211
+	$(PY211) -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	RESNET_FUSED_REQUIRE_C=0 $(PY211) -m pytest -p no:cacheprovider --durations=10 $(TORCH211_TESTS) -k "$(TORCH211_SELECT)"
+
+# The CPU dry run of scripts/gpu_check.sh quick + tune (tests/test_gpu_check.py runs it too).
+gpu-check-dry-run: build
+	OUT=$(or $(OUT),out/dry-run) PYTHON=$(PY) bash scripts/gpu_check.sh --dry-run quick tune
 
 bench: build
 	$(PY) benchmarks/bench_blocks.py

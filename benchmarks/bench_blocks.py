@@ -344,6 +344,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--units", default=None,
                         help="comma-separated: identity (a unit of unchanged shape), first (the stage's "
                              "projection unit, strided from conv3_x on). Default: both; --quick: identity")
+    parser.add_argument("--unit-names", default=None,
+                        help="comma-separated unit names (e.g. conv2_x.identity,conv3_x.first), run in this "
+                             "order; replaces --stages and --units")
     parser.add_argument("--size", default=None, choices=("full", "small"),
                         help="full: the real shapes; small: widths/4, spatial/8 (min 4). "
                              "Default: full on a GPU, small on a CPU")
@@ -371,6 +374,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batch = args.batch or (256 if args.size == "full" and device.type == "cuda" else 2)
     harness.configure_torch(device, args.cpu_threads)
     cases = select_cases(families, stages, kinds, small=args.size == "small")
+    if args.unit_names:
+        names = [n.strip() for n in args.unit_names.split(",") if n.strip()]
+        every = select_cases(families, STAGES, UNIT_KINDS, small=args.size == "small")
+        unknown = [n for n in names if not any(c.unit.name == n for c in every)]
+        if unknown:
+            parser.error(f"--unit-names: unknown unit(s) {', '.join(unknown)}; names are "
+                         f"conv<2..5>_x.<{'|'.join(UNIT_KINDS)}>")
+        cases = [c for n in names for c in every if c.unit.name == n]
 
     record = harness.RunRecord("bench_blocks", args, device, CONVENTIONS)
     record.data["config"]["resolved"] = {

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import _extension
+from . import tuned as _tuned
 
 __all__ = ["AUTO_CUDA_TABLE", "BACKENDS", "auto_backend", "available_backends", "block_backend",
            "check_backend", "resolve_backend"]
@@ -25,12 +26,14 @@ BACKENDS = ("reference", "triton", "cuda", "auto")
 _FUSED_BLOCKS_AVAILABLE = {"triton": True, "cuda": True}
 
 #: Where ``auto`` runs the CUDA C++ blocks instead of Triton on a GPU, keyed by (compute
-#: capability "9.0", dtype "bfloat16", block "bottleneck" / "basic" / "resnext"). Entries come
-#: only from committed GPU benchmark results (``benchmarks/results/``: bench_blocks.py rows where
-#: the cuda backend beats triton in train_fwd_bwd on every stage measured). No GPU run has
-#: measured the CUDA kernels yet, so the table is empty and ``auto`` runs Triton on every GPU.
-#: The CUDA kernels take every shape the blocks allow, so no shape needs routing away from them.
-AUTO_CUDA_TABLE: dict[tuple[str, str, str], bool] = {}
+#: capability "9.0", dtype "bfloat16", block "bottleneck" / "basic" / "resnext"). Loaded from the
+#: generated data file ``resnet_fused/tuned/auto_cuda_table.json``, which
+#: ``scripts/derive_auto_table.py`` derives from a GPU quick run's JSON (``benchmarks/results/``:
+#: the cuda backend beats triton in train_fwd_bwd on every unit measured, and both passed the
+#: real-shape parity in that dtype); never typed in by hand. Until a GPU run lands the file has
+#: no entries and ``auto`` runs Triton on every GPU. The CUDA kernels take every shape the blocks
+#: allow, so no shape needs routing away from them.
+AUTO_CUDA_TABLE: dict[tuple[str, str, str], bool] = dict(_tuned.auto_cuda_table())
 
 _warned_missing_extension = False
 

@@ -1,5 +1,6 @@
 """Writes one phase's record for scripts/gpu_check.sh: ``$OUT/<phase>.json``, and prints the
-phase's one-line summary (the script collects them and prints them last).
+phase's one-line summary (the script collects them and prints them last). The phases: build,
+test, bench, models, sanitize and the quick run's parity; tune.
 
 The record is always written, whatever happened: status (``ok``, ``failed``, ``timeout``,
 ``clean``, ``errors``, ``not run``), exit code, seconds, the commit, the tail of the log, and
@@ -120,6 +121,15 @@ def one_line(record: dict) -> str:
         j = details["junit"]
         head += (f" {j.get('passed')} passed, {j.get('failures')} failed, {j.get('errors')} errors, "
                  f"{j.get('skipped')} skipped")
+    elif phase == "parity" and isinstance(result, dict) and "cases" in result:
+        cases = result["cases"]
+        counts = {s: sum(c.get("status") == s for c in cases) for s in ("pass", "fail", "error", "skipped", "unavailable")}
+        head += (f" cases: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, "
+                 f"{counts['skipped']} skipped, {counts['unavailable']} unavailable; "
+                 f"{json.dumps(result.get('summary'))}; complete={result.get('complete')}")
+    elif phase == "tune" and isinstance(result, dict) and "entries" in result:
+        head += (f" {len(result['entries'])} entries, {len(result.get('skipped', []))} skipped, "
+                 f"device {result.get('device_name')!r}; complete={result.get('complete')}")
     elif phase in ("bench", "models") and isinstance(result, dict) and "rows" in result:
         rows = result["rows"]
         counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "unavailable", "skipped", "error")}
@@ -147,6 +157,7 @@ def main() -> int:
     parser.add_argument("--sanitizer", action="append", default=[], metavar="TOOL=RC=LOG",
                         help="a compute-sanitizer run to summarise (sanitize phase)")
     parser.add_argument("--not-run", default=None, help="the phase did not run, and why")
+    parser.add_argument("--dry-run", default="0", help="1: a CPU dry run of the flow (recorded)")
     args = parser.parse_args()
 
     record: dict[str, Any] = {
@@ -154,6 +165,8 @@ def main() -> int:
         "status": phase_status(args.rc),
         "rc": args.rc,
         "seconds": round(args.seconds, 1),
+        "schema": 1,
+        "dry_run": args.dry_run == "1",
         "commit": os.environ.get("RESNET_FUSED_COMMIT", "unknown"),
         "recorded_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": args.command,

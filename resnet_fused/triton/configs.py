@@ -17,10 +17,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from .. import tuned
 from .conv import ConvConfig
 
 __all__ = ["BackwardConfig", "backward_config", "BACKWARD_GPU_CONFIGS", "FP64_GPU_CONFIG", "FP64_BACKWARD_CONFIG", "StatsConfig", "conv_config", "conv3x3_strategy", "stats_config", "forced_configs",
-           "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES", "STRATEGY_ENV"]
+           "all_conv_configs", "shared_memory_bytes", "SHARED_MEMORY_LIMITS", "STRATEGIES", "STRATEGY_ENV",
+           "TUNE_CONV_CANDIDATES", "TUNE_BACKWARD_CANDIDATES", "all_backward_configs"]
 
 #: How a 3x3 conv with a BN+ReLU prologue runs: ``fused`` (one implicit-GEMM kernel, the
 #: prologue per tap) or ``hybrid`` (a BN+ReLU pass, cuDNN's conv, a statistics pass).
@@ -77,6 +79,17 @@ _INTERPRETER_CONFIG = ConvConfig(64, 64, 32, 4, 1)
 #: (the AOT test checks the spill count).
 FP64_GPU_CONFIG = ConvConfig(16, 16, 16, 4, 1)
 
+#: What ``scripts/gpu_check.sh tune`` sweeps per (kernel size, 16-bit?): the table's configs plus
+#: one more tile shape for 16-bit. A tuned table (``resnet_fused/tuned/<device>.json``) can only name
+#: a config of this list, so :func:`all_conv_configs` (the AOT test's list) includes them all;
+#: each candidate costs CI an AOT compile and a real-config parity case, so the list stays short.
+TUNE_CONV_CANDIDATES: dict[tuple[int, bool], list[ConvConfig]] = {
+    (1, True): _GPU_TABLE[(1, True)] + [ConvConfig(64, 128, 64, 4, 4)],
+    (3, True): _GPU_TABLE[(3, True)] + [ConvConfig(128, 128, 64, 8, 3)],
+    (1, False): list(_GPU_TABLE[(1, False)]),
+    (3, False): list(_GPU_TABLE[(3, False)]),
+}
+
 _forced: dict[str, object] = {}
 
 
@@ -96,9 +109,10 @@ def _fits(config: ConvConfig, n: int, k: int) -> bool:
 
 
 def all_conv_configs() -> list[tuple[int, torch.dtype, ConvConfig]]:
-    """Every (kernel size, dtype, config) the GPU selector can return: what the AOT test compiles."""
+    """Every (kernel size, dtype, config) the GPU selector can return (heuristic table and tuning
+    candidates, which a tuned table may name): what the AOT test compiles."""
     out = []
-    for (ksize, sixteen), configs in _GPU_TABLE.items():
+    for (ksize, sixteen), configs in TUNE_CONV_CANDIDATES.items():
         dtypes = (torch.bfloat16, torch.float16) if sixteen else (torch.float32,)
         out += [(ksize, dtype, c) for dtype in dtypes for c in configs]
     out += [(ksize, torch.float64, FP64_GPU_CONFIG) for ksize in (1, 3)]
@@ -107,13 +121,20 @@ def all_conv_configs() -> list[tuple[int, torch.dtype, ConvConfig]]:
 
 def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
                 device: torch.device) -> ConvConfig:
-    """The launch config of a fused conv: GEMM [m, k] x [k, n] per group, kernel ``ksize``."""
+    """The launch config of a fused conv: GEMM [m, k] x [k, n] per group, kernel ``ksize``.
+
+    Order: :func:`forced_configs`; the CPU interpreter's config; fp64's; the device's tuned table
+    (``resnet_fused.tuned``) for this dtype and shape; the heuristic table below.
+    """
     if "conv" in _forced:
         return _forced["conv"]  # type: ignore[return-value]
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     if dtype == torch.float64:
         return FP64_GPU_CONFIG
+    measured = _tuned_conv(tuned.conv_entry(device, dtype, "forward", ksize=ksize, m=m, n=n, k=k))
+    if measured is not None:
+        return measured
     sixteen = dtype in (torch.float16, torch.bfloat16)
     limit = _shared_memory_limit(device)
     element = torch.tensor([], dtype=dtype).element_size()
@@ -140,6 +161,10 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
         if chosen not in STRATEGIES:
             raise ValueError(f"{STRATEGY_ENV} must be one of {STRATEGIES}, got {chosen!r}")
         return chosen
+    if device.type == "cuda":
+        measured = tuned.strategy_entry(device, dtype, m, n, k)  # the device's tuned table
+        if measured is not None:
+            return measured
     return "hybrid" if device.type == "cuda" else "fused"
 
 
@@ -147,15 +172,59 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
 BACKWARD_GPU_CONFIGS = {True: BackwardConfig(128, 64, 64, 4, 3), False: BackwardConfig(64, 64, 32, 4, 2)}
 #: fp64 backward tiles on a GPU, small for the same reason as :data:`FP64_GPU_CONFIG`.
 FP64_BACKWARD_CONFIG = BackwardConfig(16, 16, 16, 4, 1)
+#: What ``scripts/gpu_check.sh tune`` sweeps for dgrad and wgrad, per 16-bit-ness
+#: (:func:`all_backward_configs` lists them with their dtypes, for the AOT compile).
+TUNE_BACKWARD_CANDIDATES: dict[bool, list[BackwardConfig]] = {
+    True: [BACKWARD_GPU_CONFIGS[True], BackwardConfig(64, 64, 64, 4, 3), BackwardConfig(128, 128, 64, 8, 3)],
+    False: [BACKWARD_GPU_CONFIGS[False], BackwardConfig(64, 64, 32, 4, 3)],
+}
 
 
-def backward_config(dtype: torch.dtype, device: torch.device) -> BackwardConfig:
+def all_backward_configs() -> list[tuple[torch.dtype, BackwardConfig]]:
+    """Every (dtype, backward config) the GPU selector can return, tuning candidates included."""
+    out = []
+    for sixteen, configs in TUNE_BACKWARD_CANDIDATES.items():
+        dtypes = (torch.bfloat16, torch.float16) if sixteen else (torch.float32,)
+        out += [(dtype, c) for dtype in dtypes for c in configs]
+    return out + [(torch.float64, FP64_BACKWARD_CONFIG)]
+
+
+def _tuned_conv(fields: Optional[dict]) -> Optional[ConvConfig]:
+    try:
+        return ConvConfig(**fields) if fields else None
+    except TypeError:  # a table written by another version of the config's fields
+        return None
+
+
+def _tuned_backward(fields: Optional[dict]) -> Optional[BackwardConfig]:
+    try:
+        return BackwardConfig(**fields) if fields else None
+    except TypeError:
+        return None
+
+
+def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Optional[str] = None,
+                    ksize: Optional[int] = None, m: Optional[int] = None, n: Optional[int] = None,
+                    k: Optional[int] = None) -> BackwardConfig:
+    """The tiles of the fused backward GEMMs.
+
+    Order: :func:`forced_configs`; the CPU interpreter's; fp64's; the device's tuned table for
+    ``direction`` (``dgrad`` / ``wgrad``) and the GEMM shape when the caller passes them, else
+    the table's one backward default for the dtype; the heuristic :data:`BACKWARD_GPU_CONFIGS`.
+    """
     if "backward" in _forced:
         return _forced["backward"]  # type: ignore[return-value]
     if device.type != "cuda":
         return BackwardConfig(64, 64, 32, 4, 1)
     if dtype == torch.float64:
         return FP64_BACKWARD_CONFIG
+    measured = None
+    if direction is not None:
+        measured = _tuned_backward(tuned.conv_entry(device, dtype, direction, ksize=ksize, m=m, n=n, k=k))
+    if measured is None:
+        measured = _tuned_backward(tuned.conv_entry(device, dtype, "backward"))
+    if measured is not None:
+        return measured
     return BACKWARD_GPU_CONFIGS[dtype in (torch.float16, torch.bfloat16)]
 
 

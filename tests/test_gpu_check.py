@@ -1,0 +1,206 @@
+"""scripts/gpu_check.sh on the CPU: the dry run of ``quick`` and ``tune`` (every part at tiny
+sizes, then scripts/gpu_check_verify.py over $OUT), the verifier itself, the argument splitting,
+and the single phases' command lines (through a stand-in Python that records them).
+
+A GPU machine's command runs only once and for minutes; a typo in the script must fail here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check_verify  # noqa: E402
+import parity_rule  # noqa: E402
+
+sys.path.pop(0)
+
+
+def script_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ARGS", "BENCH_ARGS", "MODELS_ARGS",
+                                                            "MODELS_CLASSIC", "GPU_CHECK_DRY_RUN")}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=sys.executable, RESNET_FUSED_COMMIT="test-commit",
+               TMPDIR=str(tmp_path))
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_dry_run_quick_and_tune(tmp_path):
+    """The whole flow at tiny sizes: build (skipped when _C loads), parity of both backends,
+    block and model benchmarks, the summary, the tuning sweep; then the verifier's checks."""
+    env = script_env(tmp_path)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "quick", "tune"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "gpu_check_verify:" in output and " ok (" in output, output[-3000:]
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["build.json", "parity.json", "bench.json", "models.json", "tune.json", "tuned.json",
+                            "logs.tar.gz"])
+    # the one-screen summary ran and said what parity gave
+    assert "parity (batch" in output and "triton" in output
+    parity = json.loads((out / "parity.json").read_text())["result"]
+    assert {c["backend"] for c in parity["cases"] if c["status"] == "pass"} == {"triton", "cuda"}
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(m.name).name for m in tar.getmembers() if m.isfile()}
+    assert {"build.log", "parity.log", "bench.log", "models.log", "summary.log", "tune.log"} <= logs
+    # the tuned table is one the package reads
+    table = json.loads((out / "tuned.json").read_text())
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / f"{table['device_slug']}.json").write_text(json.dumps(table))
+    check = subprocess.run(
+        [sys.executable, "-c", "from resnet_fused import tuned; t = tuned.load_tables(); "
+                               "print(sorted(t), len(t['cpu (dry run)']['entries']))"],
+        env={**env, "RESNET_FUSED_TUNED_DIR": str(folder)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "['cpu (dry run)']" in check.stdout, check.stdout + check.stderr
+
+
+def write_records(out: Path, names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / name).write_text(json.dumps({"phase": name[:-5], "status": "ok", "rc": 0, "seconds": 1,
+                                            "commit": "x", "command": "", "result": None, "log_tail": "",
+                                            "schema": 1, "dry_run": False}))
+
+
+def test_verify_finds_each_kind_of_problem(tmp_path):
+    out = tmp_path / "out"
+    write_records(out, ["build.json", "bench.json"])
+    problems = gpu_check_verify.verify(out, ["quick"], 2, strict=False)
+    assert any("parity.json: missing" in p for p in problems)
+    assert any("logs.tar.gz: missing" in p for p in problems)
+    assert any("bench.json: no benchmark result" in p for p in problems)
+    (out / "stray.txt").write_text("x")
+    (out / "nested").mkdir()
+    for i in range(6):
+        (out / f"extra{i}.log").write_text("x")
+    problems = gpu_check_verify.verify(out, ["quick"], 11, strict=False)
+    assert any("entries in $OUT (at most 8)" in p for p in problems)
+    assert any("at one moment" in p for p in problems)
+    assert any("stray.txt: an unexpected file name" in p for p in problems)
+    assert any("nested: not a plain file" in p for p in problems)
+
+
+def test_parity_rule_matches_the_tests_rule():
+    """scripts/parity_rule.py copies tests/helpers.py's formula; the two must agree."""
+    import torch
+    from helpers import UNIT_ROUNDOFF, rel_err, tolerance
+
+    assert parity_rule.UNIT_ROUNDOFF == UNIT_ROUNDOFF
+    for dtype in UNIT_ROUNDOFF:
+        for eager_err in (0.0, 1e-3, 0.2):
+            assert parity_rule.tolerance(dtype, eager_err) == tolerance(dtype, eager_err)
+    gen = torch.Generator().manual_seed(0)
+    exact = torch.randn(64, generator=gen, dtype=torch.float64)
+    close = exact + 1e-3 * torch.randn(64, generator=gen, dtype=torch.float64)
+    assert parity_rule.rel_err(close, exact) == pytest.approx(rel_err(close, exact))
+    eager = (exact + 1e-3 * torch.randn(64, generator=gen, dtype=torch.float64)).half()
+    good = parity_rule.check(close.half(), eager, exact, torch.float16)
+    bad = parity_rule.check((exact * 1.05).half(), eager, exact, torch.float16)
+    assert good["ok"] and not bad["ok"]
+    nan = close.clone()
+    nan[3] = float("nan")
+    assert not parity_rule.check(nan, eager, exact, torch.float64)["ok"]
+
+
+def test_split_args_keeps_quoted_words():
+    snippet = ('source scripts/gpu_check_lib.sh; split_args a "$1"; printf "<%s>" "${a[@]}"; '
+               'split_args b ""; echo " ${#b[@]}"')
+    proc = subprocess.run(["bash", "-c", snippet, "bash", '-k "a or b" -x --name=\'$HOME *\''],
+                          cwd=ROOT, env={**os.environ, "PY": sys.executable}, capture_output=True, text=True)
+    assert proc.stdout.strip() == "<-k><a or b><-x><--name=$HOME *> 0", proc.stdout + proc.stderr
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records the command lines of the benchmarks, sanitize_blocks.py and pytest; runs anything else.
+for a in "$@"; do
+    case "$a" in
+        benchmarks/*|scripts/sanitize_blocks.py)
+            printf '%s\\0' "$@" > "$RECORDS/$(basename "$a").args"; exit 0 ;;
+    esac
+done
+if [ "${1:-}" = -m ] && [ "${2:-}" = pytest ]; then printf '%s\\0' "$@" > "$RECORDS/pytest.args"; exit 0; fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+FAKE_SANITIZER = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$RECORDS/sanitizer.$(date +%s%N).args"
+echo "========= ERROR SUMMARY: 0 errors"
+"""
+
+
+@pytest.fixture
+def fake_tools(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    cuda = tmp_path / "cuda" / "bin"
+    cuda.mkdir(parents=True)
+    sanitizer = cuda / "compute-sanitizer"
+    sanitizer.write_text(FAKE_SANITIZER)
+    sanitizer.chmod(0o755)
+    return records, python, cuda.parent
+
+
+def run_phase(tmp_path, fake_tools, phase: str, **extra: str) -> subprocess.CompletedProcess:
+    records, python, cuda_home = fake_tools
+    env = script_env(tmp_path, PYTHON=str(python), REAL_PYTHON=sys.executable, RECORDS=str(records),
+                     CUDA_HOME=str(cuda_home), **extra)
+    proc = subprocess.run(["bash", str(SCRIPT), phase], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "out"
+    assert len(list(out.iterdir())) <= 8
+    assert (out / f"{phase}.json").exists() and (out / "logs.tar.gz").exists(), proc.stdout + proc.stderr
+    return proc
+
+
+def recorded(records: Path, name: str) -> list[str]:
+    return (records / name).read_text().split("\0")[:-1]
+
+
+def test_models_phase_classic_is_optional_and_args_stay_whole(tmp_path, fake_tools):
+    records = fake_tools[0]
+    run_phase(tmp_path, fake_tools, "models", MODELS_ARGS='--models "resnet_v2_50,timm:resnetv2_50" --quick')
+    args = recorded(records, "bench_models.py.args")
+    assert "--classic" not in args
+    assert args[args.index("--models") + 1] == "resnet_v2_50,timm:resnetv2_50" and "--quick" in args
+    run_phase(tmp_path, fake_tools, "models", MODELS_CLASSIC="1")
+    assert "--classic" in recorded(records, "bench_models.py.args")
+
+
+def test_test_phase_runs_parallel_with_timeouts_and_whole_args(tmp_path, fake_tools):
+    records = fake_tools[0]
+    run_phase(tmp_path, fake_tools, "test", PYTEST_ARGS='-k "roofline or flops" -x')
+    args = recorded(records, "pytest.args")
+    assert args[args.index("-k") + 1] == "roofline or flops" and "-x" in args
+    assert "-n" in args and "--timeout" in args and "--junitxml" in args
+
+
+def test_bench_args_stay_whole(tmp_path, fake_tools):
+    records = fake_tools[0]
+    run_phase(tmp_path, fake_tools, "bench", BENCH_ARGS='--impls "eager,triton" --stages 2')
+    args = recorded(records, "bench_blocks.py.args")
+    assert args[args.index("--impls") + 1] == "eager,triton" and args[args.index("--stages") + 1] == "2"
+
+
+def test_sanitize_covers_both_backends(tmp_path, fake_tools):
+    records = fake_tools[0]
+    run_phase(tmp_path, fake_tools, "sanitize")
+    runs = [(records / p).read_text().split("\0") for p in os.listdir(records) if p.startswith("sanitizer.")]
+    backends = sorted(r[r.index("--backend") + 1] for r in runs)
+    tools = sorted(r[r.index("--tool") + 1] for r in runs)
+    assert backends == ["cuda", "cuda", "triton", "triton"]
+    assert tools == ["memcheck", "memcheck", "racecheck", "racecheck"]
