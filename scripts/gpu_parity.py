@@ -293,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     })
     record.write()
     available = set(rf.available_backends())
-    case_seconds: dict[str, float] = {}
+    last_problem_s = 0.0
     exit_code = 0
     for family, unit in units(families, names, args.dry_run):
         for dtype in dtypes:
@@ -302,8 +302,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "batch": batch, "in_chs": unit.in_chs, "out_chs": unit.out_chs, "mid_chs": unit.mid_chs,
                     "stride": unit.stride, "groups": unit.groups, "height": unit.height, "width": unit.width}
             left = (args.budget_s - (time.monotonic() - started)) if args.budget_s else float("inf")
-            estimate = max(case_seconds.values(), default=0.0) * (1 + len(backends)) / 2
-            if left <= 0 or (case_seconds and left < estimate):
+            # The last problem's time (setup + every backend) predicts the next one's: the first
+            # ones also compile kernels, so the estimate falls as the cache fills.
+            estimate = last_problem_s
+            if left <= 0 or left < estimate:
                 for backend in backends:
                     record.data["cases"].append({**base, "backend": backend, "status": "skipped",
                                                  "reason": f"budget: {max(left, 0):.0f} s left"})
@@ -333,12 +335,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if result["status"] != "pass":
                     exit_code = 1
                 seconds = time.monotonic() - t1
-                case_seconds[backend] = max(case_seconds.get(backend, 0.0), seconds + (t1 - t0) / len(backends))
                 record.data["cases"].append({**base, "backend": backend, **result, "seconds": round(seconds, 2)})
                 record.write()
                 print(f"{family}:{unit.name} {dtype_name} {backend}: {result['status']}"
                       + (f" ({result.get('reason')})" if result.get("reason") else "")
                       + f" [{seconds:.1f} s]", flush=True)
+            last_problem_s = time.monotonic() - t0
             del problem
             if device.type == "cuda":
                 torch.cuda.empty_cache()
