@@ -19,8 +19,8 @@ direction and shape becomes an entry of the table (``resnet_fused/tuned/__init__
 the format), plus one ``backward`` default per dtype (the least total backward time over the
 shapes measured), which is what the selector uses when its caller passes no shape.
 
-Work runs most-used first (bf16 forward, dgrad, wgrad, 3x3 strategy, then fp16): the budget
-cuts the least needed. The table is rewritten after every shape (``complete`` false until the
+Work runs bf16 first (every GEMM shape, its three directions together, then the 3x3 strategy),
+then fp16: the budget cuts the least needed. The table is rewritten after every shape (``complete`` false until the
 end). Copy it to ``resnet_fused/tuned/<device>.json`` (``scripts/gpu_check.sh`` names the file)
 and commit it: the selector reads it at run time for that device.
 """
@@ -215,7 +215,7 @@ class Tuner:
             return f"budget: {max(left, 0):.0f} s left, about {estimate:.0f} s needed"
         return None
 
-    def tune_gemm(self, g: Gemm, direction: str, dtype: torch.dtype, gen: torch.Generator) -> None:
+    def tune_gemm(self, g: Gemm, direction: str, dtype: torch.dtype, operands: Callable[[], "Operands"]) -> None:
         dtype_name = str(dtype).replace("torch.", "")
         shape = g.forward_shape()
         kind = f"{direction}:{g.ksize}"
@@ -224,7 +224,7 @@ class Tuner:
             self.table["skipped"].append({"direction": direction, "dtype": dtype_name, **shape, "reason": reason})
             return
         t0 = time.monotonic()
-        ops = Operands(g, dtype, self.device, gen)
+        ops = operands()
         run = ops.run(direction)
         default = default_config(direction, g, dtype, self.device)
         results = []
@@ -256,7 +256,6 @@ class Tuner:
             self.table["entries"].append({"direction": direction, "dtype": dtype_name, **shape, "config": best["config"],
                                           "ms": best["ms"], "default_ms": default_ms, "gemm": g.name})
         self.item_seconds[kind] = max(self.item_seconds.get(kind, 0.0), time.monotonic() - t0)
-        del ops
 
     def backward_default(self, dtype: torch.dtype) -> None:
         """The backward config with the least total dgrad + wgrad time over every shape where all
@@ -392,14 +391,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     tuner.write()
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in dtypes:
-        for direction in ("forward", "dgrad", "wgrad"):
-            if direction not in directions:
-                continue
-            for g in gemms.values():
-                tuner.tune_gemm(g, direction, dtype, gen)
-                tuner.write()
-            print(f"{direction} {dtype}: {sum(e['direction'] == direction for e in tuner.table['entries'])} entries, "
-                  f"{tuner.left():.0f} s left", flush=True)
+        # Shape-major: the operands and the PyTorch results of a GEMM are made once, for all
+        # three directions (at batch 256 they are hundreds of MB); a budget cut drops whole shapes.
+        for g in gemms.values():
+            made: list[Operands] = []
+
+            def operands(g: Gemm = g, made: list = made) -> Operands:
+                if not made:
+                    made.append(Operands(g, dtype, device, gen))
+                return made[0]
+
+            for direction in ("forward", "dgrad", "wgrad"):
+                if direction in directions:
+                    tuner.tune_gemm(g, direction, dtype, operands)
+            tuner.write()
+            made.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"{g.name} {g.key} {dtype}: {tuner.left():.0f} s left", flush=True)
         tuner.backward_default(dtype)
         if "strategy3x3" in directions:
             for family, unit in unit_list:

@@ -7,7 +7,8 @@ where the table has no entry for the device, dtype and GEMM shape, today's heuri
 
 Entries (``"entries"`` of a table), all keyed by ``dtype`` (``"bfloat16"``, ``"float16"``,
 ``"float32"``) and the GEMM shape of one conv (``m`` rows, ``n`` columns per group, ``k``
-reduction per group, ``ksize`` 1 or 3):
+reduction per group, ``ksize`` 1 or 3; the forward conv's, for its dgrad and wgrad entries too, as
+``configs.conv_config`` receives them):
 
 * ``direction`` ``"forward"`` / ``"dgrad"`` / ``"wgrad"`` with ``"config"``: the fastest tile
   config among the candidates that computed the right result, for that direction;
