@@ -54,7 +54,7 @@ $(VENV211)/.deps-installed: requirements-torch211.txt
 # here (it belongs to .venv's torch), so the tests that need it skip, and REQUIRE_C stays 0.
 test-torch211: venv-torch211
 	$(PY211) -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
-	RESNET_FUSED_REQUIRE_C=0 $(PY211) -m pytest -p no:cacheprovider --durations=10 $(TORCH211_TESTS) -k "$(TORCH211_SELECT)"
+	RESNET_FUSED_REQUIRE_C=0 $(PY211) -m pytest -p no:cacheprovider --durations=10 $(PYTEST_PARALLEL) $(TORCH211_TESTS) -k "$(TORCH211_SELECT)"
 
 # The CPU dry run of scripts/gpu_check.sh quick + tune (tests/test_gpu_check.py runs it too).
 gpu-check-dry-run: build
