@@ -46,12 +46,40 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .backward import SavedNorm
-from .forward import NormInputs
 from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, BNBackward, GradPrologue, KernelSet
 
 __all__ = ["PostActKernels", "TritonPostAct", "CudaPostAct", "postact_kernels", "postact_forward",
            "postact_backward", "NormInputs", "SavedNorm"]
+
+
+@dataclass
+class NormInputs:
+    """One BatchNorm's tensors as the op receives them."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    training: bool
+    eps: float
+
+
+@dataclass
+class SavedNorm:
+    """One BatchNorm as the backward needs it: parameters and the statistics the forward used
+    (batch statistics in train mode, running ones otherwise; fp32, fp64 for fp64 data)."""
+
+    weight: Tensor
+    bias: Tensor
+    mean: Tensor
+    var: Tensor
+    eps: float
+    training: bool
+
+    def __post_init__(self) -> None:
+        self.invstd = torch.rsqrt(self.var + self.eps)
+        self.scale = self.weight.to(self.var.dtype) * self.invstd
+        self.shift = self.bias.to(self.var.dtype) - self.mean * self.scale
 
 
 # ---------------------------------------------------------------------------------------
