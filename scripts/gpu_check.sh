@@ -212,7 +212,7 @@ part_build() {  # seconds
     fi
     local build_seconds=$((SECONDS - start))
     # Whether the extension loads, and what the build contains (a cubin per arch).
-    run_logged build 120 "$PY" - "$WORK/build.json" "$build_seconds" <<'EOF'
+    run_logged build 60 "$PY" - "$WORK/build.json" "$build_seconds" <<'EOF'
 import glob, json, os, subprocess, sys
 result = {"build_seconds": float(sys.argv[2]), "max_jobs": os.environ.get("MAX_JOBS"),
           "triton_interpret": os.environ.get("TRITON_INTERPRET")}
