@@ -43,7 +43,8 @@ import torch.nn as nn
 
 from . import reference
 from .backends import AUTO_CUDA_TABLE, check_backend, resolve_backend
-from .modules import FusedBasicBlock, FusedBottleneck
+from .modules import FusedBasicBlock, FusedBottleneck, _FusedBlock
+from .stage import FusedStage, FusedStages, _stage_blocks
 
 __all__ = ["convert", "unconvert", "describe", "BACKEND_DESCRIPTIONS", "SYNC_BATCHNORM_REASON"]
 
@@ -361,6 +362,26 @@ def _check_model(model: object, what: str) -> nn.Module:
     return model
 
 
+def _fuse_containers(model: nn.Module) -> None:
+    """Stage fusion (stage.py): every plain ``nn.Sequential`` holding a fused block becomes a
+    ``FusedStage``, and every plain ``nn.Sequential`` of such stages (timm's and this package's
+    ``stages``) a ``FusedStages``. Both subclass nn.Sequential without adding state, so the
+    object is kept (its class is switched): same identity, children, keys and hooks."""
+    for m in list(model.modules()):
+        if type(m) is nn.Sequential and any(isinstance(c, _FusedBlock) for c in m.children()):
+            m.__class__ = FusedStage
+    for m in list(model.modules()):
+        if type(m) is nn.Sequential and any(_stage_blocks(c) is not None for c in m.children()):
+            m.__class__ = FusedStages
+
+
+def _plain_containers(model: nn.Module) -> None:
+    """Undo ``_fuse_containers``: FusedStage / FusedStages back to nn.Sequential."""
+    for m in list(model.modules()):
+        if type(m) in (FusedStage, FusedStages):
+            m.__class__ = nn.Sequential
+
+
 def _set_model_backend(model: nn.Module, backend: str) -> None:
     from .models import ResNetV2  # models imports modules; import here keeps this module light
 
@@ -412,6 +433,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         lines = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
         warnings.warn(f"resnet_fused.convert: {len(skipped)} block(s) not converted, left as they "
                       f"were:\n{lines}", UserWarning, stacklevel=2)
+    _fuse_containers(root)
     _set_model_backend(root, backend)
     return root
 
@@ -437,6 +459,7 @@ def unconvert(model: nn.Module) -> nn.Module:
                           eps=float(block.norm1.eps), momentum=block.norm1.momentum)
             swapped[id(block)] = _build(block, _REFERENCE_CLASSES[kind], kwargs, None)
         root = _replace(root, path, swapped[id(block)])
+    _plain_containers(root)
     _set_model_backend(root, "reference")
     return root
 

@@ -22,6 +22,7 @@ from . import reference
 from .backends import check_backend, resolve_backend
 from .modules import FusedBasicBlock, FusedBottleneck
 from .configs import MODEL_CONFIGS, STEM_CHANNELS, ModelConfig, unit_stride
+from .stage import FusedStage, FusedStages
 
 __all__ = [
     "ResNetV2", "ResNetStage", "ClassifierHead", "make_block", "create_model", "list_models",
@@ -48,11 +49,12 @@ def make_block(block: str, *, backend: str = "reference", **kwargs: Any) -> nn.M
 
 
 class ResNetStage(nn.Module):
-    """A stage: ``blocks``, an nn.Sequential of units (timm's key ``stages.{i}.blocks.{j}``)."""
+    """A stage: ``blocks``, a ``FusedStage`` of units (an nn.Sequential: timm's key
+    ``stages.{i}.blocks.{j}``) that chains the statistics partials between fused blocks."""
 
     def __init__(self, units: list[nn.Module]):
         super().__init__()
-        self.blocks = nn.Sequential(*units)
+        self.blocks = FusedStage(*units)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.blocks(x)
@@ -124,7 +126,9 @@ class ResNetV2(nn.Module):
         self.stem.add_module("conv", nn.Conv2d(in_chans, STEM_CHANNELS, 7, stride=2, padding=3, bias=False))
         self.stem.add_module("pool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
 
-        self.stages = nn.Sequential()
+        # FusedStages: the statistics partials flow across stage boundaries too, so in a fused
+        # model only the first block takes its own input statistics (stage.py).
+        self.stages = FusedStages()
         in_chs = STEM_CHANNELS
         n_stages = len(config.layers)
         for s, (depth, out_chs) in enumerate(zip(config.layers, config.channels)):

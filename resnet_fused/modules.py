@@ -3,8 +3,13 @@
 ``FusedBottleneck`` / ``FusedBasicBlock`` subclass the reference ``PreActBottleneck`` /
 ``PreActBasicBlock``: same arguments (plus ``backend``), same parameters and buffers under the
 same keys, so weights load both ways without renaming. The forward calls one fused op per
-block, then updates the running statistics with nn.BatchNorm2d's formulas (unbiased running
-variance, momentum=None as a cumulative average computed on the device: no host sync).
+block; the op also updates the running statistics with nn.BatchNorm2d's formulas (unbiased
+running variance, momentum=None as a cumulative average computed on the device in fp32: no
+host sync), inside each norm's finalize launch.
+
+Inside a ``FusedStage`` (``stage.py``) the blocks run through ``_forward_stats``: a block takes
+the statistics partials of its input from the previous block's last conv and returns those of
+its output, so it skips its own statistics pass over the input.
 
 Dtypes as eager: after ``.to(dtype)`` everything runs in that dtype (statistics still in fp32);
 under ``torch.autocast`` the block casts the input and conv weights to the autocast dtype, as
@@ -61,15 +66,44 @@ class _FusedBlock:
                 "move the module or the input so they share a device")
         return x, weights, w_proj
 
-    def _norm_args(self, x: Tensor) -> dict:
+    def _norm_args(self, x: Tensor, update: bool = False) -> dict:
+        """The op's norm arguments. With ``update`` the op moves the running statistics of the
+        norms in training mode: ``running_means`` then also carries the norms'
+        ``num_batches_tracked`` counters after the means (see ops/blocks.py)."""
         norms = self._norms()
         training = [bool(n.training or n.running_mean is None) for n in norms]
-        empty = x.new_empty((0,), dtype=torch.float32)
+
+        def empty(dtype=torch.float32):
+            return x.new_empty((0,), dtype=dtype)
+
+        means = [n.running_mean if n.running_mean is not None else empty() for n in norms]
+        if update:
+            means += [n.num_batches_tracked if n.num_batches_tracked is not None else empty(torch.long)
+                      for n in norms]
         return dict(
             bn_weights=[n.weight for n in norms], bn_biases=[n.bias for n in norms],
-            running_means=[n.running_mean if n.running_mean is not None else empty for n in norms],
-            running_vars=[n.running_var if n.running_var is not None else empty for n in norms],
+            running_means=means,
+            running_vars=[n.running_var if n.running_var is not None else empty() for n in norms],
             training=training, eps=[float(n.eps) for n in norms])
+
+    def _update_args(self) -> dict:
+        """momentum (< 0: None, the cumulative average) and whether the op updates statistics."""
+        norms = self._norms()
+        update = any(n.training and n.running_mean is not None for n in norms)
+        return dict(momentum=[-1.0 if n.momentum is None else float(n.momentum) for n in norms],
+                    update_stats=update)
+
+    def _fused_backend(self, x: Tensor) -> Optional[str]:
+        """The fused backend this block runs ``x`` on, or None (it runs the reference)."""
+        backend = block_backend(self.backend, x, self._kind())
+        return None if backend == "reference" else backend
+
+    def _kind(self) -> str:
+        raise NotImplementedError
+
+    def _needs_input_stats(self) -> bool:
+        """Whether bn1 normalises with batch statistics (then the input's partials are useful)."""
+        return bool(self.norm1.training or self.norm1.running_mean is None)
 
     def _fold_eval(self, x: Tensor, training: Sequence[bool]) -> bool:
         """Eval-mode folding applies when no norm trains and nothing needs a gradient."""
@@ -84,17 +118,6 @@ class _FusedBlock:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {list(shape)} "
                     f"({type(self).__name__}: a norm sees one value per channel)")
-
-    def _update_running_stats(self, training: Sequence[bool], stats: Sequence[Tensor],
-                              counts: Sequence[int]) -> None:
-        for i, (norm, trains) in enumerate(zip(self._norms(), training)):
-            if trains and norm.training and norm.running_mean is not None and counts[i] == 0:
-                # An empty batch moves nothing, as in eager; it still counts as a batch.
-                norm.num_batches_tracked.add_(1)
-            elif trains and norm.training and norm.running_mean is not None:
-                reference.update_running_stats(
-                    norm.running_mean, norm.running_var, norm.num_batches_tracked,
-                    stats[2 * i], stats[2 * i + 1], counts[i], norm.momentum)
 
     @staticmethod
     def _output_format(x: Tensor, out: Tensor) -> Tensor:
@@ -123,13 +146,24 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
     def _conv_weights(self):
         return [self.conv1.weight, self.conv2.weight, self.conv3.weight]
 
+    def _kind(self) -> str:
+        return "resnext" if self.groups > 1 else "bottleneck"
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        backend = block_backend(self.backend, x, "resnext" if self.groups > 1 else "bottleneck")
-        if backend == "reference":
+        if self._fused_backend(x) is None:
             return super().forward(x)
+        out, _ = self._forward_stats(x)
+        return self._output_format(x, out)
+
+    def _forward_stats(self, x: Tensor, in_stats: Optional[Tensor] = None, emit_stats: bool = False
+                       ) -> tuple[Tensor, Optional[Tensor]]:
+        """(channels_last output, statistics partials of the output or None) through the fused op;
+        ``in_stats``: partials of ``x`` (from the previous block), replacing the block's own pass."""
+        backend = self._fused_backend(x)
         xc, (w1, w2, w3), w_proj = self._prepare(x)
-        norm_args = self._norm_args(xc)
+        upd = self._update_args()
+        norm_args = self._norm_args(xc, upd["update_stats"])
         n, _, h, w = x.shape
         s1 = self.stride if self.stride_on == "1x1" else 1
         h2, w2_ = -(-h // self.stride), -(-w // self.stride)
@@ -138,10 +172,9 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
         outs = block_ops.bottleneck_forward(
             xc, w1, w2, w3, w_proj, **norm_args, stride=self.stride, groups=self.groups,
             shortcut=self.shortcut, stride_on=self.stride_on,
-            fold_eval=self._fold_eval(xc, norm_args["training"]), backend=backend)
-        out = outs[0]
-        self._update_running_stats(norm_args["training"], outs[3:], counts)  # after out, y1, y2
-        return self._output_format(x, out)
+            fold_eval=self._fold_eval(xc, norm_args["training"]), backend=backend, **upd,
+            in_stats=in_stats, emit_stats=emit_stats)
+        return outs[0], (outs[-1] if emit_stats else None)
 
 
 class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
@@ -157,22 +190,28 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
     def _conv_weights(self):
         return [self.conv1.weight, self.conv2.weight]
 
+    def _kind(self) -> str:
+        return "basic"
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        backend = block_backend(self.backend, x, "basic")
-        if backend == "reference":
+        if self._fused_backend(x) is None:
             return super().forward(x)
+        out, _ = self._forward_stats(x)
+        return self._output_format(x, out)
+
+    def _forward_stats(self, x: Tensor, in_stats: Optional[Tensor] = None, emit_stats: bool = False
+                       ) -> tuple[Tensor, Optional[Tensor]]:
+        """As ``FusedBottleneck._forward_stats``."""
+        backend = self._fused_backend(x)
         xc, (w1, w2), w_proj = self._prepare(x)
-        norm_args = self._norm_args(xc)
+        upd = self._update_args()
+        norm_args = self._norm_args(xc, upd["update_stats"])
         n, _, h, w = x.shape
         counts = (n * h * w, n * -(-h // self.stride) * -(-w // self.stride))
         self._check_counts(norm_args["training"], counts, x.shape)
         outs = block_ops.basic_block_forward(
             xc, w1, w2, w_proj, **norm_args, stride=self.stride, groups=self.groups,
             shortcut=self.shortcut, fold_eval=self._fold_eval(xc, norm_args["training"]),
-            backend=backend)
-        out = outs[0]
-        self._update_running_stats(norm_args["training"], outs[2:], counts)  # after out, y1
-        return self._output_format(x, out)
-
-
+            backend=backend, **upd, in_stats=in_stats, emit_stats=emit_stats)
+        return outs[0], (outs[-1] if emit_stats else None)

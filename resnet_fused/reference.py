@@ -139,15 +139,21 @@ def update_running_stats(
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+        # The factor and the blend in fp32 (fp64 for fp64 buffers) whatever the buffer dtype, as
+        # eager's BatchNorm computes them: 1 / 257 in bf16 is off by 0.4%.
+        ct = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
         if momentum is None:
             if num_batches_tracked is None:
                 raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+            factor = 1.0 / num_batches_tracked.to(ct)
         else:
             factor = momentum
         unbiased = var * (count / max(count - 1, 1))
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+        for buf, new in ((running_mean, mean), (running_var, unbiased)):
+            if buf.dtype == ct:
+                buf.lerp_(new.to(ct), factor)
+            else:
+                buf.copy_(buf.to(ct).lerp_(new.to(ct), factor))
 
 
 class BNParams(NamedTuple):

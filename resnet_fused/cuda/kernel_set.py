@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _extension, reference
 from ..fused.kernel_set import BNBackward
 from . import kernels
 
@@ -30,21 +31,65 @@ def merge_partials(part: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor,
+            var: Tensor, count: Tensor, momentum: Optional[float]) -> None:
+    """nn.BatchNorm2d's running update, the count a device tensor (no host sync); an empty
+    batch moves nothing and still counts."""
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.to(torch.float32)
+        else:
+            factor = torch.full_like(count, momentum)
+        factor = torch.where(count > 0, factor, 0.0)
+        unbiased = var * count / (count - 1).clamp_min(1)
+        ct = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
+        for buf, new in ((running_mean, mean), (running_var, unbiased)):
+            buf.copy_(torch.lerp(buf.to(ct), new.to(ct), factor.to(ct)))
+
+
 class CudaKernels:
     name = "cuda"
+    #: Eval-mode affines are torch ops here (the C++ conv takes scale/shift only).
+    affine_from_stats = False
 
     def stats_partials(self, x: Tensor) -> Tensor:
         return kernels.channel_stats_partials(x)
 
-    def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
-        mean, var = merge_partials(part)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight.to(scale.dtype)
+    def stats_tiles(self, m: int, device: torch.device) -> int:
+        return -(-m // 64)
+
+    def conv_stats_tiles(self, x_shape, weight_shape, stride: int, groups: int, dtype: torch.dtype,
+                         device: torch.device) -> int:
+        n, _, h, w = x_shape
+        k = weight_shape[-1]
+        pad = k // 2
+        return _extension.conv_fwd_tiles_m(n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, k)
+
+    def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       *, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                       num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+                       update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """[5, C] (mean, var, invstd, scale, shift); the running update as torch ops."""
+        if from_running:
+            ct = dtype if dtype is not None else reference.stats_dtype(running_mean.dtype)
+            mean, var = running_mean.to(ct), running_var.to(ct)
+        else:
+            mean, var = merge_partials(part)
+            if update and running_mean is not None and running_mean.numel() > 0:
+                count = part[0].sum(0)[:1]  # per-tile counts; every channel has the same total
+                _update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(shift.dtype)
-        return mean, var, scale, shift
+        return torch.stack((mean, var, invstd, scale, shift))
+
+    def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, **kwargs):
+        out = self.finalize_stats(part, weight, bias, eps, **kwargs)
+        return out[0], out[1], out[3], out[4]
 
     def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
         return kernels.bn_relu_conv(x, weight, **kwargs)

@@ -36,19 +36,19 @@ __all__ = ["SavedNorm", "bottleneck_backward", "basic_block_backward"]
 
 @dataclass
 class SavedNorm:
-    """One BatchNorm as the backward needs it: parameters and the statistics the forward used."""
+    """One BatchNorm as the backward needs it: parameters and the statistics the forward used,
+    ``stats`` [5, C] (or flat [5 * C]) = (mean, biased var, invstd, scale, shift) as the forward's finalize wrote
+    them (fp32, fp64 for fp64 data; batch statistics in train mode, running ones otherwise), so
+    the backward launches nothing to rebuild them."""
 
     weight: Tensor
     bias: Tensor
-    mean: Tensor      # [C], fp32 (fp64 for fp64 data): batch mean (train) or running mean
-    var: Tensor       # [C], likewise: biased batch var (train) or running var
+    stats: Tensor
     eps: float
     training: bool
 
     def __post_init__(self) -> None:
-        self.invstd = torch.rsqrt(self.var + self.eps)
-        self.scale = self.weight.to(self.var.dtype) * self.invstd
-        self.shift = self.bias.to(self.var.dtype) - self.mean * self.scale
+        self.mean, self.var, self.invstd, self.scale, self.shift = self.stats.view(5, -1).unbind(0)
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int) -> tuple[Tensor, Tensor]:

@@ -26,14 +26,15 @@ from torch import Tensor
 from .. import reference
 from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, KernelSet
 
-__all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward"]
+__all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward", "last_conv_is_fused"]
 
 _SHORTCUT_CODES = {"identity": SHORTCUT_ADD, "subsample": SHORTCUT_ADD, "projection": SHORTCUT_PROJECTION}
 
 
 @dataclass
 class NormInputs:
-    """One BatchNorm's tensors as the op receives them."""
+    """One BatchNorm's tensors as the op receives them; ``update``: a training norm moves its
+    running statistics (and ``num_batches_tracked``) inside its finalize launch."""
 
     weight: Tensor
     bias: Tensor
@@ -41,34 +42,92 @@ class NormInputs:
     running_var: Tensor
     training: bool
     eps: float
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    update: bool = False
 
 
-@dataclass
 class _Affine:
-    """The statistics a norm used (fp32) and its affine form."""
+    """A norm's affine as the kernels take it.
 
-    mean: Tensor
-    var: Tensor
-    scale: Tensor
-    shift: Tensor
+    Either ``stats`` [5, C] = (mean, biased var, invstd, scale, shift) from a finalize launch
+    (train mode, or a frozen norm whose statistics the backward needs), or, for an eval-mode
+    norm on a kernel set that can (``affine_from_stats``), the norm itself: the conv kernel then
+    computes scale and shift per tile from (weight, bias, running mean, running var, eps), and
+    no launch is spent on it.
+    """
+
+    def __init__(self, stats: Optional[Tensor] = None, norm: Optional[NormInputs] = None):
+        self.stats, self.norm = stats, norm
+
+    @property
+    def scale(self) -> Tensor:
+        return self.stats[3]
+
+    @property
+    def shift(self) -> Tensor:
+        return self.stats[4]
+
+    def args(self, scale: str = "scale", shift: str = "shift", stats: str = "scale_stats") -> dict:
+        if self.stats is not None:
+            return {scale: self.stats[3], shift: self.stats[4]}
+        n = self.norm
+        return {scale: n.weight, shift: n.bias, stats: (n.running_mean, n.running_var, n.eps)}
 
 
-def _affine_from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs) -> _Affine:
-    return _Affine(*kernels.finalize(part, norm.weight, norm.bias, norm.eps))
+def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs) -> _Affine:
+    return _Affine(kernels.finalize_stats(
+        part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
+        num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update))
 
 
-def _affine_from_running(norm: NormInputs, data_dtype: torch.dtype) -> _Affine:
-    ct = reference.stats_dtype(data_dtype)
-    mean = norm.running_mean.to(ct)
-    var = norm.running_var.to(ct)
-    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.to(ct), norm.bias.to(ct), norm.eps)
-    return _Affine(mean.clone(), var.clone(), scale, shift)
+def _from_running(kernels: KernelSet, norm: NormInputs, data_dtype: torch.dtype, lazy: bool) -> _Affine:
+    """An eval/frozen norm: lazy (computed inside the conv) where the kernel set can and nothing
+    needs the statistics later; else one finalize launch from the running statistics."""
+    if lazy and getattr(kernels, "affine_from_stats", False):
+        return _Affine(norm=norm)
+    return _Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
+                                          running_var=norm.running_var, from_running=True,
+                                          dtype=reference.stats_dtype(data_dtype)))
 
 
-def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs) -> _Affine:
+def _materialized(kernels: KernelSet, affine: _Affine, data_dtype: torch.dtype) -> _Affine:
+    return affine if affine.stats is not None else _from_running(kernels, affine.norm, data_dtype, False)
+
+
+def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Optional[Tensor], lazy: bool) -> _Affine:
     if not norm.training:
-        return _affine_from_running(norm, x.dtype)
-    return _affine_from_partials(kernels, kernels.stats_partials(x), norm)
+        return _from_running(kernels, norm, x.dtype, lazy)
+    # The statistics partials of x come from the caller (the previous block's last conv took
+    # them in its epilogue) or from a pass over x (K0).
+    return _from_partials(kernels, in_stats if in_stats is not None else kernels.stats_partials(x), norm)
+
+
+def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, data_dtype: torch.dtype,
+                 lazy: bool) -> _Affine:
+    return _from_partials(kernels, part, norm) if norm.training else _from_running(kernels, norm, data_dtype, lazy)
+
+
+def _prologue(affine: Optional[_Affine]) -> dict:
+    return affine.args() if affine is not None else {}
+
+
+def _post(affine: Optional[_Affine]) -> dict:
+    return affine.args("post_scale", "post_shift", "post_stats") if affine is not None else {}
+
+
+def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
+    if kind == "projection":
+        return dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=stride,
+                    proj_weight=w_proj, **a1.args("proj_scale", "proj_shift", "proj_stats"))
+    return dict(shortcut=x, shortcut_kind=_SHORTCUT_CODES[kind], shortcut_stride=stride)
+
+
+def _fused_3x3(kernels: KernelSet, x: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
+    n, _, h, w = x.shape
+    c_out, cin_pg = weight.shape[:2]
+    m = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    return kernels.fuse_3x3(m, c_out // groups, cin_pg * 9, x.dtype, x.device)
 
 
 def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[_Affine], *, stride: int,
@@ -80,85 +139,101 @@ def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[_Af
     folded into the output). The fused kernel folds it into its epilogue; the hybrid's cuDNN
     conv has no epilogue, so the caller applies ``post`` in the next conv's prologue instead.
     """
-    n, _, h, w = x.shape
-    c_out, cin_pg = weight.shape[:2]
-    m = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
-    if kernels.fuse_3x3(m, c_out // groups, cin_pg * 9, x.dtype, x.device):
+    if _fused_3x3(kernels, x, weight, stride, groups):
         out, part = kernels.conv(x, weight, **_prologue(affine), stride=stride, groups=groups,
                                  emit_stats=emit_stats, **_post(post))
         return out, part, post is not None
-    act = kernels.bn_relu_apply(x, affine.scale, affine.shift) if affine is not None else x
+    act = x
+    if affine is not None:
+        affine = _materialized(kernels, affine, x.dtype)
+        act = kernels.bn_relu_apply(x, affine.scale, affine.shift)
     y = F.conv2d(act, weight.to(act.dtype), stride=stride, padding=1, groups=groups)
     y = y.contiguous(memory_format=torch.channels_last)
     return y, (kernels.stats_partials(y) if emit_stats else None), False
 
 
-def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, data_dtype: torch.dtype) -> _Affine:
-    return _affine_from_partials(kernels, part, norm) if norm.training else _affine_from_running(norm, data_dtype)
-
-
-def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
+def _last_conv3x3(kernels: KernelSet, y1: Tensor, w2: Tensor, a2: Optional[_Affine], x: Tensor, a1: _Affine,
+                  *, kind: str, stride: int, groups: int, w_proj: Optional[Tensor], emit_stats: bool
+                  ) -> tuple[Tensor, Optional[Tensor]]:
+    """The basic block's second 3x3 with the shortcut, following the 3x3 selector like every
+    other 3x3: the fused kernel (shortcut in its accumulator, statistics in its epilogue), or
+    the hybrid: BN+ReLU pass, ATen's conv, then the shortcut (a projection as the fused 1x1
+    kernel adding the conv's output; an identity/subsample as an add) and a statistics pass."""
+    if _fused_3x3(kernels, y1, w2, 1, groups):
+        return kernels.conv(y1, w2, **_prologue(a2), groups=groups, emit_stats=emit_stats,
+                            **_shortcut_args(x, a1, kind, stride, w_proj))
+    y, _, _ = _conv3x3(kernels, y1, w2, a2, stride=1, groups=groups, emit_stats=False)
     if kind == "projection":
-        return dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=stride,
-                    proj_weight=w_proj, proj_scale=a1.scale, proj_shift=a1.shift)
-    return dict(shortcut=x, shortcut_kind=_SHORTCUT_CODES[kind], shortcut_stride=stride)
+        out, _ = kernels.conv(x, w_proj, **_prologue(a1), stride=stride, shortcut=y, shortcut_kind=SHORTCUT_ADD)
+    else:
+        out = (y + x[:, :, ::stride, ::stride]).contiguous(memory_format=torch.channels_last)
+    return out, (kernels.stats_partials(out) if emit_stats else None)
 
 
-def _prologue(affine: Optional[_Affine]) -> dict:
-    return dict(scale=affine.scale, shift=affine.shift) if affine is not None else {}
-
-
-def _post(affine: Optional[_Affine]) -> dict:
-    return dict(post_scale=affine.scale, post_shift=affine.shift) if affine is not None else {}
+def last_conv_is_fused(kernels: KernelSet, kind: str, x_shape, w_last_shape, groups: int, dtype: torch.dtype,
+                       device: torch.device) -> bool:
+    """Whether the block's last conv runs as the fused kernel (its partials have the conv's P)
+    rather than the hybrid 3x3 (partials from a statistics pass): what the fakes need."""
+    if kind == "bottleneck":
+        return True
+    n, _, h, w = x_shape
+    m = n * h * w
+    return kernels.fuse_3x3(m, w_last_shape[0] // groups, w_last_shape[1] * 9, dtype, device)
 
 
 def bottleneck_forward(
     kernels: KernelSet, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, stride_on: str,
-    fold_eval: bool,
-) -> tuple[Tensor, list[Tensor], list[_Affine]]:
-    """The bottleneck forward: (output, [y1, y2] for the backward (none when folded), affines).
+    fold_eval: bool, in_stats: Optional[Tensor] = None, emit_stats: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]], Optional[Tensor]]:
+    """The bottleneck forward: (output, [y1, y2] for the backward (none when folded), each norm's
+    [5, C] statistics (None when folded), the output's statistics partials (``emit_stats``)).
 
-    With ``fold`` (eval, nothing training), bn2 and bn3 are constants applied in the producing
-    conv's epilogue, so K1 stores relu(bn2(y1)) and K2 relu(bn3(y2)) (when K2 has an epilogue:
-    the hybrid 3x3 leaves bn3 to K3's prologue).
+    ``in_stats``: partials [3, P, C_in] of x, taken by the caller (the previous block's last
+    conv), replacing K0. With ``fold`` (eval, nothing training), bn2 and bn3 are constants
+    applied in the producing conv's epilogue, so K1 stores relu(bn2(y1)) and K2 relu(bn3(y2))
+    (when K2 has an epilogue: the hybrid 3x3 leaves bn3 to K3's prologue), and every eval
+    affine is computed inside the convs where the kernel set can.
     """
     x = x.contiguous(memory_format=torch.channels_last)  # read once per kernel, NHWC
     s1, s2 = (stride, 1) if stride_on == "1x1" else (1, stride)
     bn1, bn2, bn3 = norms
     fold = fold_eval and not (bn1.training or bn2.training or bn3.training)
-    a1 = _input_affine(kernels, x, bn1)
+    a1 = _input_affine(kernels, x, bn1, in_stats, fold)
 
-    const2 = _affine_from_running(bn2, x.dtype) if fold else None
+    const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
     y1, part1 = kernels.conv(x, w1, **_prologue(a1), stride=s1, emit_stats=bn2.training, **_post(const2))
-    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype)
+    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype, False)
 
-    const3 = _affine_from_running(bn3, x.dtype) if fold else None
+    const3 = _from_running(kernels, bn3, x.dtype, True) if fold else None
     y2, part2, folded3 = _conv3x3(kernels, y1, w2, None if fold else a2, stride=s2, groups=groups,
                                   emit_stats=bn3.training, post=const3)
-    a3 = const3 or _next_affine(kernels, part2, bn3, x.dtype)
+    a3 = const3 or _next_affine(kernels, part2, bn3, x.dtype, False)
 
-    out, _ = kernels.conv(y2, w3, **_prologue(None if folded3 else a3),
-                   **_shortcut_args(x, a1, shortcut, stride, w_proj))
-    return out, ([] if fold else [y1, y2]), [a1, a2, a3]
+    out, part = kernels.conv(y2, w3, **_prologue(None if folded3 else a3), emit_stats=emit_stats,
+                             **_shortcut_args(x, a1, shortcut, stride, w_proj))
+    stats = [None] * 3 if fold else [a1.stats, a2.stats, a3.stats]
+    return out, ([] if fold else [y1, y2]), stats, part
 
 
 def basic_block_forward(
     kernels: KernelSet, x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, stride: int, groups: int, shortcut: str, fold_eval: bool,
-) -> tuple[Tensor, list[Tensor], list[_Affine]]:
-    """The basic block forward: two 3x3 convs, the second with the fused shortcut; returns
-    (output, [y1] (none when folded), affines)."""
+    in_stats: Optional[Tensor] = None, emit_stats: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Optional[Tensor]], Optional[Tensor]]:
+    """The basic block forward: two 3x3 convs, the second with the shortcut; returns as
+    :func:`bottleneck_forward` (conv outputs [y1])."""
     x = x.contiguous(memory_format=torch.channels_last)
     bn1, bn2 = norms
     fold = fold_eval and not (bn1.training or bn2.training)
-    a1 = _input_affine(kernels, x, bn1)
+    a1 = _input_affine(kernels, x, bn1, in_stats, fold)
 
-    const2 = _affine_from_running(bn2, x.dtype) if fold else None
+    const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
     y1, part1, folded2 = _conv3x3(kernels, x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
                                   post=const2)
-    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype)
+    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype, False)
 
-    out, _ = kernels.conv(y1, w2, **_prologue(None if folded2 else a2), groups=groups,
-                   **_shortcut_args(x, a1, shortcut, stride, w_proj))
-    return out, ([] if fold else [y1]), [a1, a2]
+    out, part = _last_conv3x3(kernels, y1, w2, None if folded2 else a2, x, a1, kind=shortcut, stride=stride,
+                              groups=groups, w_proj=w_proj, emit_stats=emit_stats)
+    stats = [None] * 2 if fold else [a1.stats, a2.stats]
+    return out, ([] if fold else [y1]), stats, part

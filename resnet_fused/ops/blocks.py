@@ -11,20 +11,41 @@ One op per block type, one autograd registration per op, dispatching by backend 
 
 Both fused backends run one orchestration (``resnet_fused/fused``) over their kernel sets.
 
-Outputs, in order: the block output (channels_last), the conv outputs the backward needs
+Outputs, a fixed tuple: the block output (channels_last), the conv outputs the backward needs
 (y1, y2 for the bottleneck, y1 for the basic block; empty when eval-mode BN is folded, which
-needs no backward), and the (mean, biased var) each norm used. The ops are functional: they
-never write the running statistics; the module updates those from the returned statistics
-(a mutating op cannot carry an autograd formula).
+needs no backward), each norm's statistics [5, C] = (mean, biased var, invstd, scale, shift) as
+its finalize wrote them (flat [5 * C]; empty when folded), and, with ``emit_stats``, the statistics partials
+[3, P, C_out] of the output (the next block's bn1 input statistics, taken by the last conv's
+epilogue; empty otherwise). ``in_stats`` gives the partials of x the same way, replacing the
+block's own statistics pass (K0). Everything but the output is non-differentiable.
 
-Saved for backward, by name: the block input, y1 (, y2), parameters and per-channel statistics;
+Running statistics: with ``update_stats`` the op moves each training norm's running mean and
+variance and counts the batch, inside the finalize launch of that norm (one launch per norm,
+no torch ops, no host sync; ``momentum=None``'s cumulative factor is computed there in fp32).
+The op therefore mutates ``running_means`` / ``running_vars`` (declared in ``mutates_args``).
+Its ``running_means`` list carries the norms' running means followed, with ``update_stats``, by
+their ``num_batches_tracked`` counters: a custom op has no optional tensor-list argument, and a
+separate required list would change the op's call signature. ``momentum`` entries < 0 mean
+None (the cumulative average).
+
+Autograd on a mutating op: ``register_autograd`` refuses non-functional schemas, but the
+autograd kernel ``custom_op`` generates for every op (``torch._library.autograd``) reads the
+op's ``_backward_fn`` / ``_setup_context_fn`` at call time; ``_register_autograd`` below sets
+them directly. This is sound here because the mutated tensors (running statistics) never
+require grad, are never saved for backward, and no output aliases them: autograd sees a
+functional op of the differentiable inputs. opcheck (schema, fakes, autograd registration,
+aot dispatch) and ``torch.compile(fullgraph=True)`` pass on torch 2.11 and 2.14 (checked), where
+AOTAutograd functionalizes the mutation (``auto_functionalized``), which needs a fixed tuple of
+outputs rather than a List[Tensor].
+
+Saved for backward, by name: the block input, y1 (, y2), parameters and per-norm statistics;
 never an activation (those are recomputed), so a block saves half the activation bytes eager
 does. The fused backward is ``fused/backward.py``; the CPU fallback re-runs the reference.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -73,9 +94,25 @@ def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
     return fold_eval and not any(training)
 
 
-def _norm_inputs(weights, biases, means, vars_, training, eps) -> list[fused_forward.NormInputs]:
-    return [fused_forward.NormInputs(w, b, m, v, t, e)
-            for w, b, m, v, t, e in zip(weights, biases, means, vars_, training, eps)]
+def _momentum(momentum: Optional[Sequence[float]], i: int) -> Optional[float]:
+    if momentum is None:
+        return 0.1
+    return None if momentum[i] < 0 else float(momentum[i])
+
+
+def _counters(running_means: Sequence[Tensor], n_norms: int, update: bool) -> list[Optional[Tensor]]:
+    """The num_batches_tracked counters that follow the running means (see the module docstring)."""
+    if update and len(running_means) == 2 * n_norms:
+        return [t if t.numel() else None for t in running_means[n_norms:]]
+    return [None] * n_norms
+
+
+def _norm_inputs(weights, biases, means, vars_, training, eps, momentum, update) -> list[fused_forward.NormInputs]:
+    n = len(training)
+    counters = _counters(means, n, update)
+    return [fused_forward.NormInputs(weights[i], biases[i], means[i], vars_[i], training[i], eps[i],
+                                     counters[i], _momentum(momentum, i), update and training[i])
+            for i in range(n)]
 
 
 def _modes(training: Sequence[bool]) -> tuple[str, ...]:
@@ -83,20 +120,65 @@ def _modes(training: Sequence[bool]) -> tuple[str, ...]:
     return tuple("train" if t else "frozen" for t in training)
 
 
-def _reference_bn(weights, biases, means, vars_, training, eps) -> list[reference.BNParams]:
-    """Reference BN parameters that never update running statistics (the op is functional)."""
-    return [reference.BNParams(w, b, None if t else m, None if t else v, None, e, None)
-            for w, b, m, v, t, e in zip(weights, biases, means, vars_, training, eps)]
+def _reference_bn(weights, biases, means, vars_, training, eps, momentum, update) -> list[reference.BNParams]:
+    """Reference BN parameters; a training norm moves its running statistics only with ``update``."""
+    n = len(training)
+    counters = _counters(means, n, update)
+    out = []
+    for i in range(n):
+        if training[i]:
+            tracked = update and means[i].numel() > 0
+            out.append(reference.BNParams(weights[i], biases[i], means[i] if tracked else None,
+                                          vars_[i] if tracked else None, counters[i], eps[i], _momentum(momentum, i)))
+        else:
+            out.append(reference.BNParams(weights[i], biases[i], means[i], vars_[i], None, eps[i], None))
+    return out
 
 
-def _outputs(out: Tensor, convs: Sequence[Tensor], n_convs: int, stats) -> list[Tensor]:
+def _stats_rows(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """[5, C] (mean, var, invstd, scale, shift) with torch ops (the reference path)."""
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = reference.bn_scale_shift(mean, var, weight, bias, eps)
+    return torch.stack((mean, var, invstd, scale, shift))
+
+
+def _reference_partials(out: Tensor) -> Tensor:
+    """[3, 1, C] (count, mean, M2) of the output: one 'tile', for a block that ran the reference."""
+    mean, var = reference.batch_stats(out)
+    count = out.numel() // out.shape[1]
+    return torch.stack((torch.full_like(mean, count), mean, var * count)).unsqueeze(1)
+
+
+def _outputs(out: Tensor, convs: Sequence[Tensor], n_convs: int, stats: Sequence[Optional[Tensor]],
+             part: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The op's outputs: fresh tensors, none aliasing another or an input (no copies needed:
+    each kernel writes its own output, each finalize its own [5, C])."""
     cl = torch.channels_last
-    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else \
-        [out.new_empty((0,)) for _ in range(n_convs)]
-    return [out.contiguous(memory_format=cl)] + saved + [t.clone() for pair in stats for t in pair]
+    empty = out.new_empty((0,))
+    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else [empty] * n_convs
+    # Flat [5 * C]: per-channel vectors, not activations (saved-activation accounting).
+    rows = [t.reshape(-1) if t is not None else out.new_empty((0,), dtype=reference.stats_dtype(out.dtype))
+            for t in stats]
+    part = part if part is not None else out.new_empty((0,), dtype=reference.stats_dtype(out.dtype))
+    # Distinct empties: outputs must not alias each other.
+    saved = [t if t.numel() else out.new_empty((0,)) for t in saved]
+    return tuple([out.contiguous(memory_format=cl)] + saved + rows + [part])
 
 
-def _fake_outputs(x: Tensor, c_out: int, stride: int, conv_shapes, widths, fold: bool) -> list[Tensor]:
+def _partials_tiles(x: Tensor, kind: str, last_in_shape, w_last: Tensor, groups: int, backend: str) -> int:
+    """P of the emitted partials, as the real run makes them (the fake needs the shape)."""
+    if not runs_fused(x, backend):
+        return 1
+    kernels = _kernel_set(backend)
+    if fused_forward.last_conv_is_fused(kernels, kind, last_in_shape, w_last.shape, groups, x.dtype, x.device):
+        return kernels.conv_stats_tiles(last_in_shape, w_last.shape, 1, groups if kind == "basic" else 1,
+                                        x.dtype, x.device)
+    n, _, h, w = last_in_shape
+    return kernels.stats_tiles(n * h * w, x.device)
+
+
+def _fake_outputs(x: Tensor, c_out: int, stride: int, conv_shapes, widths, fold: bool, emit_p: Optional[int]
+                  ) -> tuple[Tensor, ...]:
     n, _, h, w = x.shape
     cl = torch.channels_last
 
@@ -106,12 +188,24 @@ def _fake_outputs(x: Tensor, c_out: int, stride: int, conv_shapes, widths, fold:
     out = empty(c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
     convs = [x.new_empty((0,)) if fold else empty(*shape) for shape in conv_shapes]
     ct = reference.stats_dtype(x.dtype)
-    return [out] + convs + [x.new_empty((c,), dtype=ct) for c in widths for _ in range(2)]
+    rows = [x.new_empty((0,) if fold else (5 * c,), dtype=ct) for c in widths]
+    part = x.new_empty((3, emit_p, c_out) if emit_p is not None else (0,), dtype=ct)
+    return tuple([out] + convs + rows + [part])
 
 
 # ---------------------------------------------------------------------------------------
 # Autograd, shared by both ops
 # ---------------------------------------------------------------------------------------
+
+
+def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd`` for an op that mutates its running-statistics arguments (see the
+    module docstring): the generated autograd kernel reads these two attributes at call time."""
+    if not (hasattr(op, "_backward_fn") and hasattr(op, "_setup_context_fn")):
+        raise RuntimeError("resnet_fused: this torch version's custom_op has no _backward_fn / _setup_context_fn; "
+                           "the block ops need them to carry an autograd formula while updating running statistics")
+    op._backward_fn = backward
+    op._setup_context_fn = setup_context
 
 
 def _setup_context(ctx, x: Tensor, weights: dict, bn_weights, bn_biases, training, eps, output,
@@ -120,26 +214,27 @@ def _setup_context(ctx, x: Tensor, weights: dict, bn_weights, bn_biases, trainin
     ctx.training, ctx.eps = list(training), list(eps)
     ctx.n_norms = len(training)
     convs = output[1:1 + n_convs]
-    stats = output[1 + n_convs:]
+    stats = output[1 + n_convs:1 + n_convs + len(training)]
     save_named(ctx, x=x, **weights,
                **{f"y{i + 1}": y for i, y in enumerate(convs)},
                **{f"bn_weight{i}": t for i, t in enumerate(bn_weights)},
                **{f"bn_bias{i}": t for i, t in enumerate(bn_biases)},
-               **{f"mean{i}": stats[2 * i] for i in range(len(training))},
-               **{f"var{i}": stats[2 * i + 1] for i in range(len(training))})
+               **{f"stats{i}": stats[i] for i in range(len(training))})
     ctx.mark_non_differentiable(*output[1:])
+    # Only the block output carries a gradient: no zero tensors for the others.
+    ctx.set_materialize_grads(False)
 
 
-def _saved_lists(ctx, saved: dict) -> tuple[list, list, list, list]:
-    """bn_weights, bn_biases, means, vars as the backward op takes them."""
+def _saved_lists(ctx, saved: dict) -> tuple[list, list, list]:
+    """bn_weights, bn_biases, stats as the backward op takes them."""
     n = range(ctx.n_norms)
     return ([saved[f"bn_weight{i}"] for i in n], [saved[f"bn_bias{i}"] for i in n],
-            [saved[f"mean{i}"] for i in n], [saved[f"var{i}"] for i in n])
+            [saved[f"stats{i}"] for i in n])
 
 
-def _backward_norms(weights, biases, means, vars_, training, eps) -> list[fused_backward.SavedNorm]:
-    return [fused_backward.SavedNorm(w, b, m, v, e, t)
-            for w, b, m, v, t, e in zip(weights, biases, means, vars_, training, eps)]
+def _backward_norms(weights, biases, stats, training, eps) -> list[fused_backward.SavedNorm]:
+    return [fused_backward.SavedNorm(w, b, st, e, t)
+            for w, b, st, t, e in zip(weights, biases, stats, training, eps)]
 
 
 def _grad_list(g: dict, tensor_names: Sequence[str], n_norms: int, like: Tensor) -> list[Tensor]:
@@ -177,10 +272,10 @@ def _reference_grads(ctx, saved: dict, run_block: Callable, weight_names: Sequen
     n = ctx.n_norms
     names = ["x", *weight_names] + [f"bn_weight{i}" for i in range(n)] + [f"bn_bias{i}" for i in range(n)]
     leaves = {k: saved[k].detach().requires_grad_() for k in names if k in saved}
-    # Non-training norms use the statistics the forward returned (their running statistics).
+    # Non-training norms use the statistics the forward used (their running statistics then).
     bn = [reference.BNParams(leaves[f"bn_weight{i}"], leaves[f"bn_bias{i}"],
-                             None if ctx.training[i] else saved[f"mean{i}"],
-                             None if ctx.training[i] else saved[f"var{i}"], None, ctx.eps[i], None)
+                             None if ctx.training[i] else saved[f"stats{i}"][0],
+                             None if ctx.training[i] else saved[f"stats{i}"][1], None, ctx.eps[i], None)
           for i in range(n)]
     with torch.enable_grad():
         out = run_block(leaves, bn, _modes(ctx.training))
@@ -198,54 +293,65 @@ def _check_no_double_backward() -> None:
 
 
 def _as_param_dtype(grads: dict, saved: dict) -> dict:
-    return {k: (g.to(saved[k].dtype) if g is not None and k in saved else g) for k, g in grads.items()}
+    return {k: (g.to(saved[k].dtype) if g is not None and k in saved and g.dtype != saved[k].dtype else g)
+            for k, g in grads.items()}
 
+
+_MUTATES = ("running_means", "running_vars")
 
 # ---------------------------------------------------------------------------------------
 # Bottleneck
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("resnet_fused::bottleneck_forward", mutates_args=())
+@torch.library.custom_op("resnet_fused::bottleneck_forward", mutates_args=_MUTATES)
 def bottleneck_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor],
     running_means: List[Tensor], running_vars: List[Tensor],
     training: List[bool], eps: List[float],
     stride: int, groups: int, shortcut: str, stride_on: str, fold_eval: bool, backend: str,
-) -> List[Tensor]:
-    """[out, y1, y2, mean1, var1, mean2, var2, mean3, var3] of a pre-activation bottleneck."""
+    momentum: Optional[List[float]] = None, update_stats: bool = False,
+    in_stats: Optional[Tensor] = None, emit_stats: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, y1, y2, stats1, stats2, stats3, out_partials) of a pre-activation bottleneck."""
     _check_backend(backend)
     if runs_fused(x, backend):
-        norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps)
-        out, convs, affines = fused_forward.bottleneck_forward(
+        norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum,
+                             update_stats)
+        out, convs, stats, part = fused_forward.bottleneck_forward(
             _kernel_set(backend), x, w1, w2, w3, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut,
-            stride_on=stride_on, fold_eval=fold_eval)
-        return _outputs(out, convs, 2, [(a.mean, a.var) for a in affines])
-    bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps)
+            stride_on=stride_on, fold_eval=fold_eval, in_stats=in_stats, emit_stats=emit_stats)
+        return _outputs(out, convs, 2, stats, part)
+    bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum, update_stats)
     record: dict = {}
     out = reference.preact_bottleneck(x, bn[0], w1, bn[1], w2, bn[2], w3, w_proj, stride=stride,
                                       groups=groups, shortcut=shortcut, stride_on=stride_on,
                                       modes=_modes(training), record=record)
-    convs = [] if _folds(fold_eval, training) else record["convs"]
-    return _outputs(out, convs, 2, record["stats"])
+    fold = _folds(fold_eval, training)
+    stats = [None] * 3 if fold else [_stats_rows(m, v, w, b, e) for (m, v), w, b, e in
+                                     zip(record["stats"], bn_weights, bn_biases, eps)]
+    return _outputs(out, [] if fold else record["convs"], 2, stats,
+                    _reference_partials(out) if emit_stats else None)
 
 
 @bottleneck_forward.register_fake
 def _(x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
-      stride, groups, shortcut, stride_on, fold_eval, backend):
+      stride, groups, shortcut, stride_on, fold_eval, backend, momentum=None, update_stats=False,
+      in_stats=None, emit_stats=False):
     n, _, h, w = x.shape
     s1 = stride if stride_on == "1x1" else 1
     h1, w1_ = (h - 1) // s1 + 1, (w - 1) // s1 + 1
     h2, w2_ = (h - 1) // stride + 1, (w - 1) // stride + 1
     mid = w1.shape[0]
+    p = _partials_tiles(x, "bottleneck", (n, mid, h2, w2_), w3, 1, backend) if emit_stats else None
     return _fake_outputs(x, w3.shape[0], stride, [(mid, h1, w1_), (mid, h2, w2_)],
-                         (x.shape[1], mid, w2.shape[0]), _folds(fold_eval, training))
+                         (x.shape[1], mid, w2.shape[0]), _folds(fold_eval, training), p)
 
 
 def _bottleneck_setup_context(ctx, inputs, output):
     (x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
-     stride, groups, shortcut, stride_on, fold_eval, backend) = inputs
+     stride, groups, shortcut, stride_on, fold_eval, backend, *_) = inputs
     _setup_context(ctx, x, dict(w1=w1, w2=w2, w3=w3, w_proj=w_proj), bn_weights, bn_biases, training,
                    eps, output, 2, dict(stride=stride, groups=groups, shortcut=shortcut, stride_on=stride_on),
                    backend)
@@ -255,26 +361,29 @@ def _bottleneck_setup_context(ctx, inputs, output):
 def bottleneck_backward(
     grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
     w_proj: Optional[Tensor], bn_weights: List[Tensor], bn_biases: List[Tensor],
-    means: List[Tensor], vars: List[Tensor], training: List[bool], eps: List[float],
+    stats: List[Tensor], training: List[bool], eps: List[float],
     stride: int, groups: int, shortcut: str, stride_on: str, backend: str,
 ) -> List[Tensor]:
     """[dx, dw1, dw2, dw3, dw_proj (empty without projection), dgamma x3, dbeta x3]."""
     g = fused_backward.bottleneck_backward(
-        _kernel_set(backend), grad_out, x, y1, y2, w1, w2, w3, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
+        _kernel_set(backend), grad_out, x, y1, y2, w1, w2, w3, w_proj,
+        _backward_norms(bn_weights, bn_biases, stats, training, eps),
         stride=stride, groups=groups, shortcut=shortcut, stride_on=stride_on)
     return _grad_list(g, ("x", "w1", "w2", "w3", "w_proj"), 3, x)
 
 
 @bottleneck_backward.register_fake
-def _(grad_out, x, y1, y2, w1, w2, w3, w_proj, bn_weights, bn_biases, means, vars, training, eps,
+def _(grad_out, x, y1, y2, w1, w2, w3, w_proj, bn_weights, bn_biases, stats, training, eps,
       stride, groups, shortcut, stride_on, backend):
     return _fake_grads((x, w1, w2, w3, w_proj), bn_weights, bn_biases)
 
 
-def _bottleneck_backward(ctx, grads):
+def _bottleneck_backward(ctx, *grads):
     _check_no_double_backward()
     saved = load_saved(ctx)
-    if runs_fused(saved["x"], ctx.backend):
+    if grads[0] is None:  # the block output took no part in the loss
+        g = {}
+    elif runs_fused(saved["x"], ctx.backend):
         out = torch.ops.resnet_fused.bottleneck_backward(
             grads[0], saved["x"], saved["y1"], saved["y2"], saved["w1"], saved["w2"], saved["w3"],
             saved.get("w_proj"), *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config,
@@ -287,12 +396,18 @@ def _bottleneck_backward(ctx, grads):
 
         g = _reference_grads(ctx, saved, run, ("w1", "w2", "w3", "w_proj"), grads[0])
     g = _as_param_dtype(g, saved)
-    return (g["x"], g["w1"], g["w2"], g["w3"], g.get("w_proj"),
-            [g[f"bn_weight{i}"] for i in range(3)], [g[f"bn_bias{i}"] for i in range(3)],
-            [None] * 3, [None] * 3, None, None, None, None, None, None, None, None)
+    return (g.get("x"), g.get("w1"), g.get("w2"), g.get("w3"), g.get("w_proj"),
+            [g.get(f"bn_weight{i}") for i in range(3)], [g.get(f"bn_bias{i}") for i in range(3)],
+            [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
-bottleneck_forward.register_autograd(_bottleneck_backward, setup_context=_bottleneck_setup_context)
+def _bottleneck_setup(ctx, inputs, output):
+    ctx.running_lens = (len(inputs[7]), len(inputs[8]))
+    _bottleneck_setup_context(ctx, inputs, output)
+
+
+_register_autograd(bottleneck_forward, _bottleneck_backward, _bottleneck_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,41 +415,51 @@ bottleneck_forward.register_autograd(_bottleneck_backward, setup_context=_bottle
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("resnet_fused::basic_block_forward", mutates_args=())
+@torch.library.custom_op("resnet_fused::basic_block_forward", mutates_args=_MUTATES)
 def basic_block_forward(
     x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor],
     running_means: List[Tensor], running_vars: List[Tensor],
     training: List[bool], eps: List[float],
     stride: int, groups: int, shortcut: str, fold_eval: bool, backend: str,
-) -> List[Tensor]:
-    """[out, y1, mean1, var1, mean2, var2] of a pre-activation basic block."""
+    momentum: Optional[List[float]] = None, update_stats: bool = False,
+    in_stats: Optional[Tensor] = None, emit_stats: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, y1, stats1, stats2, out_partials) of a pre-activation basic block."""
     _check_backend(backend)
     if runs_fused(x, backend):
-        norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps)
-        out, convs, affines = fused_forward.basic_block_forward(
-            _kernel_set(backend), x, w1, w2, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut, fold_eval=fold_eval)
-        return _outputs(out, convs, 1, [(a.mean, a.var) for a in affines])
-    bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps)
+        norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum,
+                             update_stats)
+        out, convs, stats, part = fused_forward.basic_block_forward(
+            _kernel_set(backend), x, w1, w2, w_proj, norms, stride=stride, groups=groups, shortcut=shortcut,
+            fold_eval=fold_eval, in_stats=in_stats, emit_stats=emit_stats)
+        return _outputs(out, convs, 1, stats, part)
+    bn = _reference_bn(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum, update_stats)
     record: dict = {}
     out = reference.preact_basic_block(x, bn[0], w1, bn[1], w2, w_proj, stride=stride, groups=groups,
                                        shortcut=shortcut, modes=_modes(training), record=record)
-    convs = [] if _folds(fold_eval, training) else record["convs"]
-    return _outputs(out, convs, 1, record["stats"])
+    fold = _folds(fold_eval, training)
+    stats = [None] * 2 if fold else [_stats_rows(m, v, w, b, e) for (m, v), w, b, e in
+                                     zip(record["stats"], bn_weights, bn_biases, eps)]
+    return _outputs(out, [] if fold else record["convs"], 1, stats,
+                    _reference_partials(out) if emit_stats else None)
 
 
 @basic_block_forward.register_fake
 def _(x, w1, w2, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
-      stride, groups, shortcut, fold_eval, backend):
+      stride, groups, shortcut, fold_eval, backend, momentum=None, update_stats=False, in_stats=None,
+      emit_stats=False):
     n, _, h, w = x.shape
     h1, w1_ = (h - 1) // stride + 1, (w - 1) // stride + 1
+    p = _partials_tiles(x, "basic", (n, w1.shape[0], h1, w1_), w2, groups, backend) if emit_stats else None
     return _fake_outputs(x, w2.shape[0], stride, [(w1.shape[0], h1, w1_)], (x.shape[1], w1.shape[0]),
-                         _folds(fold_eval, training))
+                         _folds(fold_eval, training), p)
 
 
 def _basic_setup_context(ctx, inputs, output):
     (x, w1, w2, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
-     stride, groups, shortcut, fold_eval, backend) = inputs
+     stride, groups, shortcut, fold_eval, backend, *_) = inputs
+    ctx.running_lens = (len(running_means), len(running_vars))
     _setup_context(ctx, x, dict(w1=w1, w2=w2, w_proj=w_proj), bn_weights, bn_biases, training, eps,
                    output, 1, dict(stride=stride, groups=groups, shortcut=shortcut), backend)
 
@@ -342,26 +467,29 @@ def _basic_setup_context(ctx, inputs, output):
 @torch.library.custom_op("resnet_fused::basic_block_backward", mutates_args=())
 def basic_block_backward(
     grad_out: Tensor, x: Tensor, y1: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
-    bn_weights: List[Tensor], bn_biases: List[Tensor], means: List[Tensor], vars: List[Tensor],
+    bn_weights: List[Tensor], bn_biases: List[Tensor], stats: List[Tensor],
     training: List[bool], eps: List[float], stride: int, groups: int, shortcut: str, backend: str,
 ) -> List[Tensor]:
     """[dx, dw1, dw2, dw_proj (empty without projection), dgamma x2, dbeta x2]."""
     g = fused_backward.basic_block_backward(
-        _kernel_set(backend), grad_out, x, y1, w1, w2, w_proj, _backward_norms(bn_weights, bn_biases, means, vars, training, eps),
+        _kernel_set(backend), grad_out, x, y1, w1, w2, w_proj,
+        _backward_norms(bn_weights, bn_biases, stats, training, eps),
         stride=stride, groups=groups, shortcut=shortcut)
     return _grad_list(g, ("x", "w1", "w2", "w_proj"), 2, x)
 
 
 @basic_block_backward.register_fake
-def _(grad_out, x, y1, w1, w2, w_proj, bn_weights, bn_biases, means, vars, training, eps,
+def _(grad_out, x, y1, w1, w2, w_proj, bn_weights, bn_biases, stats, training, eps,
       stride, groups, shortcut, backend):
     return _fake_grads((x, w1, w2, w_proj), bn_weights, bn_biases)
 
 
-def _basic_backward(ctx, grads):
+def _basic_backward(ctx, *grads):
     _check_no_double_backward()
     saved = load_saved(ctx)
-    if runs_fused(saved["x"], ctx.backend):
+    if grads[0] is None:  # the block output took no part in the loss
+        g = {}
+    elif runs_fused(saved["x"], ctx.backend):
         out = torch.ops.resnet_fused.basic_block_backward(
             grads[0], saved["x"], saved["y1"], saved["w1"], saved["w2"], saved.get("w_proj"),
             *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config, backend=ctx.backend)
@@ -373,9 +501,10 @@ def _basic_backward(ctx, grads):
 
         g = _reference_grads(ctx, saved, run, ("w1", "w2", "w_proj"), grads[0])
     g = _as_param_dtype(g, saved)
-    return (g["x"], g["w1"], g["w2"], g.get("w_proj"),
-            [g[f"bn_weight{i}"] for i in range(2)], [g[f"bn_bias{i}"] for i in range(2)],
-            [None] * 2, [None] * 2, None, None, None, None, None, None, None)
+    return (g.get("x"), g.get("w1"), g.get("w2"), g.get("w_proj"),
+            [g.get(f"bn_weight{i}") for i in range(2)], [g.get(f"bn_bias{i}") for i in range(2)],
+            [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
-basic_block_forward.register_autograd(_basic_backward, setup_context=_basic_setup_context)
+_register_autograd(basic_block_forward, _basic_backward, _basic_setup_context)

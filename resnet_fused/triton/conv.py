@@ -72,16 +72,35 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr,
-                  PROLOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _channel_affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, cols, valid, ct: tl.constexpr,
+                    FROM_STATS: tl.constexpr):
+    """Per-channel (scale, shift) in ``ct``: loaded, or with ``FROM_STATS`` computed from a
+    norm's (weight, bias) at scale_ptr / shift_ptr and its running (mean, var): eval-mode BN
+    costs a few per-channel operations per tile instead of separate launches."""
+    if FROM_STATS:
+        w = tl.load(scale_ptr + cols, mask=valid, other=0.0).to(ct)
+        b = tl.load(shift_ptr + cols, mask=valid, other=0.0).to(ct)
+        mean = tl.load(mean_ptr + cols, mask=valid, other=0.0).to(ct)
+        var = tl.load(var_ptr + cols, mask=valid, other=1.0).to(ct)
+        scale = w / tl.sqrt(var + eps)
+        shift = b - mean * scale
+    else:
+        scale = tl.load(scale_ptr + cols, mask=valid, other=0.0).to(ct)
+        shift = tl.load(shift_ptr + cols, mask=valid, other=0.0).to(ct)
+    return scale, shift
+
+
+@triton.jit
+def _bn_relu_load(ptr, row_offsets, row_valid, ks, k_valid, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps,
+                  PROLOGUE: tl.constexpr, FROM_STATS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  CT: tl.constexpr):
     """Load an operand tile [BLOCK_M, BLOCK_K], activate it, zero what lies outside the image."""
     valid = row_valid[:, None] & k_valid[None, :]
     a = tl.load(ptr + row_offsets[:, None] + ks[None, :], mask=valid, other=0.0)
     if PROLOGUE:
-        scale = tl.load(scale_ptr + ks, mask=k_valid, other=0.0)
-        shift = tl.load(shift_ptr + ks, mask=k_valid, other=0.0)
+        scale, shift = _channel_affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, ks, k_valid, CT, FROM_STATS)
         # NaN must propagate as in eager (max's default would turn it into 0 and hide it).
-        act = tl.maximum(a.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0,
+        act = tl.maximum(a.to(CT) * scale[None, :] + shift[None, :], 0.0,
                          propagate_nan=tl.PropagateNan.ALL)
         # Padding and tile overhang are zero in the ACTIVATED domain: relu(shift) is not zero.
         a = tl.where(valid, act, 0.0)
@@ -93,14 +112,20 @@ def _bn_relu_conv_kernel(
     x_ptr, x_scale_ptr, x_shift_ptr, w_ptr, out_ptr,
     sc_ptr, sc_scale_ptr, sc_shift_ptr, sc_w_ptr,
     part_ptr, post_scale_ptr, post_shift_ptr,
+    x_mean_ptr, x_var_ptr, sc_mean_ptr, sc_var_ptr, post_mean_ptr, post_var_ptr,
     M, H_in, W_in, C_in, H_out, W_out, C_out, cin_pg, cout_pg,
     H_sc, W_sc, C_sc,
+    x_eps, sc_eps, post_eps,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, SC_STRIDE: tl.constexpr,
     PROLOGUE: tl.constexpr, SHORTCUT: tl.constexpr, SC_PROLOGUE: tl.constexpr,
     EMIT_STATS: tl.constexpr, POST_BN_RELU: tl.constexpr,
+    PRO_STATS: tl.constexpr, SC_STATS: tl.constexpr, POST_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Weights are read in PyTorch's own layout, W[c_out, c_in / groups, kh, kw] (contiguous):
+    B[k = tap * cin_pg + c, n] = W[n, c, tap] (no packed copy per call). ``*_STATS``: that
+    affine comes from (weight, bias, running mean, running var, eps), eval mode's norms."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_tiles_m = tl.num_programs(0)
@@ -117,6 +142,9 @@ def _bn_relu_conv_kernel(
     oh = (rows % hw_out) // W_out
     ow = rows % W_out
     dot_dtype = w_ptr.dtype.element_ty
+    CT: tl.constexpr = tl.float64 if dot_dtype == tl.float64 else tl.float32
+    TAPS: tl.constexpr = KSIZE * KSIZE
+    w_cols = cols.to(tl.int64) * (cin_pg * TAPS)
 
     acc = _zero_acc(BLOCK_M, BLOCK_N, dot_dtype)
     PAD: tl.constexpr = KSIZE // 2
@@ -130,8 +158,9 @@ def _bn_relu_conv_kernel(
             k_valid = ks < cin_pg
             a = _bn_relu_load(x_ptr, row_offsets, inside, ks, k_valid,
                               x_scale_ptr + group * cin_pg, x_shift_ptr + group * cin_pg,
-                              PROLOGUE, dot_dtype)
-            b = tl.load(w_ptr + (tap * cin_pg + ks)[:, None].to(tl.int64) * C_out + cols[None, :],
+                              x_mean_ptr + group * cin_pg, x_var_ptr + group * cin_pg, x_eps,
+                              PROLOGUE, PRO_STATS, dot_dtype, CT)
+            b = tl.load(w_ptr + w_cols[None, :] + (ks * TAPS + tap)[:, None],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
 
@@ -143,8 +172,8 @@ def _bn_relu_conv_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_valid = ks < C_sc
                 a = _bn_relu_load(sc_ptr, sc_rows, row_valid, ks, k_valid, sc_scale_ptr, sc_shift_ptr,
-                                  SC_PROLOGUE, dot_dtype)
-                b = tl.load(sc_w_ptr + ks[:, None].to(tl.int64) * C_out + cols[None, :],
+                                  sc_mean_ptr, sc_var_ptr, sc_eps, SC_PROLOGUE, SC_STATS, dot_dtype, CT)
+                b = tl.load(sc_w_ptr + cols[None, :].to(tl.int64) * C_sc + ks[:, None],
                             mask=k_valid[:, None] & col_valid[None, :], other=0.0)
                 acc = _dot(a, b, acc, DOT_PRECISION)
         else:
@@ -156,8 +185,8 @@ def _bn_relu_conv_kernel(
     if EMIT_STATS:
         _store_tile_stats(part_ptr, y.to(acc.dtype), row_valid, pid_m, n_tiles_m, cols, col_valid, C_out)
     if POST_BN_RELU:
-        post_scale = tl.load(post_scale_ptr + cols, mask=col_valid, other=0.0)
-        post_shift = tl.load(post_shift_ptr + cols, mask=col_valid, other=0.0)
+        post_scale, post_shift = _channel_affine(post_scale_ptr, post_shift_ptr, post_mean_ptr, post_var_ptr,
+                                                 post_eps, cols, col_valid, CT, POST_STATS)
         y = tl.maximum(y.to(acc.dtype) * post_scale[None, :] + post_shift[None, :], 0.0,
                        propagate_nan=tl.PropagateNan.ALL)
         y = y.to(out_ptr.dtype.element_ty)
@@ -200,6 +229,9 @@ def bn_relu_conv(
     post_scale: Optional[Tensor] = None,
     post_shift: Optional[Tensor] = None,
     config: ConvConfig = ConvConfig(),
+    scale_stats: Optional[tuple] = None,
+    proj_stats: Optional[tuple] = None,
+    post_stats: Optional[tuple] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues.
 
@@ -222,28 +254,34 @@ def bn_relu_conv(
                       memory_format=torch.channels_last)
     n_tiles_m = triton.cdiv(m, config.block_m)
     part = new_partials(n_tiles_m, c_out, x.device, x.dtype) if emit_stats else out
-    w_packed = pack_weight(weight.to(x.dtype))
+    w = weight.to(x.dtype).contiguous()
     if shortcut is not None:
         shortcut = _nhwc(shortcut)
         _, c_sc, h_sc, w_sc = shortcut.shape
     else:
         shortcut, c_sc, h_sc, w_sc = x, 0, 1, 1
-    sc_w = pack_weight(proj_weight.to(x.dtype)) if proj_weight is not None else w_packed
+    sc_w = proj_weight.to(x.dtype).contiguous() if proj_weight is not None else w
     dummy = out  # pointer arguments a constexpr switch never reads
+    pro_m, pro_v, pro_eps = scale_stats if scale_stats is not None else (dummy, dummy, 0.0)
+    sc_m, sc_v, sc_eps = proj_stats if proj_stats is not None else (dummy, dummy, 0.0)
+    post_m, post_v, post_eps = post_stats if post_stats is not None else (dummy, dummy, 0.0)
     cout_pg = c_out // groups
     grid = (n_tiles_m, groups * triton.cdiv(cout_pg, config.block_n))
     launch(
         _bn_relu_conv_kernel, grid, x,
-        x, scale if scale is not None else dummy, shift if shift is not None else dummy, w_packed, out,
+        x, scale if scale is not None else dummy, shift if shift is not None else dummy, w, out,
         shortcut, proj_scale if proj_scale is not None else dummy,
         proj_shift if proj_shift is not None else dummy, sc_w,
         part, post_scale if post_scale is not None else dummy,
         post_shift if post_shift is not None else dummy,
+        pro_m, pro_v, sc_m, sc_v, post_m, post_v,
         m, h_in, w_in, c_in, h_out, w_out, c_out, cin_pg, cout_pg,
         h_sc, w_sc, c_sc,
+        float(pro_eps), float(sc_eps), float(post_eps),
         KSIZE=kh, STRIDE=stride, SC_STRIDE=shortcut_stride,
         PROLOGUE=scale is not None, SHORTCUT=shortcut_kind, SC_PROLOGUE=proj_scale is not None,
         EMIT_STATS=emit_stats, POST_BN_RELU=post_scale is not None,
+        PRO_STATS=scale_stats is not None, SC_STATS=proj_stats is not None, POST_STATS=post_stats is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         **config.meta(),
     )

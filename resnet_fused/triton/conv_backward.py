@@ -97,8 +97,8 @@ def _conv_dgrad_kernel(
             k_valid = ks_local < cout_pg
             ks = group * cout_pg + ks_local
             g = _grad_tile(g_ptr, gy_ptr, ga_ptr, gb_ptr, gc_ptr, g_rows, on_grid, ks, k_valid, C_out, PROLOGUE)
-            # Weights packed [tap, C_out, cin_pg]: B[k, c] = W[k, c, tap].
-            w = tl.load(w_ptr + (tap * C_out + ks)[:, None].to(tl.int64) * cin_pg + cols_local[None, :],
+            # Weights in PyTorch's layout W[C_out, cin_pg, kh, kw]: B[k, c] = W[k, c, tap].
+            w = tl.load(w_ptr + (ks[:, None].to(tl.int64) * cin_pg + cols_local[None, :]) * (KSIZE * KSIZE) + tap,
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(g.to(dot_dtype), w, acc, DOT_PRECISION)
     if SECOND:
@@ -166,8 +166,9 @@ def _conv_wgrad_kernel(
         a = tl.where(amask, tl.maximum(v.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0,
                                         propagate_nan=tl.PropagateNan.ALL), 0.0)
         acc = _dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, DOT_PRECISION)
-    offs = ((split * TAPS + tap) * C_out + ks[:, None]).to(tl.int64) * cin_pg + cs_local[None, :]
-    tl.store(part_ptr + offs, acc, mask=k_valid[:, None] & c_valid[None, :])
+    # Partials [splits, C_out, cin_pg, kh, kw]: split 0 alone is dW in PyTorch's layout.
+    offs = (((split * C_out + ks[:, None]).to(tl.int64) * cin_pg + cs_local[None, :]) * TAPS + tap)
+    tl.store(part_ptr + offs, acc.to(part_ptr.dtype.element_ty), mask=k_valid[:, None] & c_valid[None, :])
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -197,7 +198,7 @@ def conv_dgrad(
     p = triton.cdiv(m, block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c_in), dtype=scale.dtype, device=v.device)
-    w_packed = weight.to(grad.dtype).permute(2, 3, 0, 1).contiguous()  # [kh, kw, C_out, cin_pg]
+    w_packed = weight.to(grad.dtype).contiguous()  # read in place: [C_out, cin_pg, kh, kw]
     if second_grad is not None:
         second_grad = _nhwc(second_grad)
         w2 = second_weight.reshape(second_weight.shape[0], c_in).to(grad.dtype).contiguous()
@@ -236,7 +237,10 @@ def conv_wgrad(
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows_per_split)
     taps = ksize * ksize
-    part = torch.empty((splits, taps, c_out, cin_pg), dtype=scale.dtype, device=v.device)
+    # One split stores dW itself, in grad's dtype (no reduction, no cast launches); more store
+    # fp32 partials, summed in a fixed order.
+    part = torch.empty((splits, c_out, cin_pg, ksize, ksize), dtype=grad.dtype if splits == 1 else scale.dtype,
+                       device=v.device)
     pro = prologue or GradPrologue(grad, scale, scale, scale)
     grid = (groups * triton.cdiv(cout_pg, block_k), triton.cdiv(cin_pg, block_c), splits * taps)
     launch(_conv_wgrad_kernel, grid, v,
@@ -244,6 +248,7 @@ def conv_wgrad(
            m, c_out, c_in, cin_pg, cout_pg, h, w, h_out, w_out, rows_per_split,
            KSIZE=ksize, STRIDE=stride, PROLOGUE=prologue is not None, DOT_PRECISION=dot_precision(grad.dtype),
            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps, num_stages=num_stages)
+    if splits == 1:
+        return part[0]
     # torch's sum over the split dimension is a fixed-order reduction (no atomics).
-    d_w = part.sum(0).reshape(ksize, ksize, c_out, cin_pg).permute(2, 3, 0, 1)
-    return d_w.contiguous().to(grad.dtype)
+    return part.sum(0).to(grad.dtype)

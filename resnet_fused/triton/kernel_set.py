@@ -13,27 +13,53 @@ from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_
 from .conv import bn_relu_conv
 from .conv_backward import conv_dgrad, conv_wgrad
 from .elementwise import bn_relu_apply
-from .stats import bn_finalize, channel_stats_partials
+from .stats import bn_finalize, bn_finalize_stats, channel_stats_partials
 
 __all__ = ["TRITON", "TritonKernels"]
 
 
+def _conv_m(x_shape, weight_shape, stride: int) -> int:
+    n, _, h, w = x_shape
+    k = weight_shape[-1]
+    return n * ((h + 2 * (k // 2) - k) // stride + 1) * ((w + 2 * (k // 2) - k) // stride + 1)
+
+
 class TritonKernels:
     name = "triton"
+    #: The conv kernel computes an eval-mode norm's affine from its running statistics itself
+    #: (``scale_stats`` / ``proj_stats`` / ``post_stats`` keywords of ``conv``).
+    affine_from_stats = True
 
     def stats_partials(self, x: Tensor) -> Tensor:
         cfg = configs.stats_config(x.device)
         return channel_stats_partials(x, cfg.block_m, cfg.block_c)
 
-    def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    def stats_tiles(self, m: int, device: torch.device) -> int:
+        """P of ``stats_partials`` over m rows."""
+        return -(-m // configs.stats_config(device).block_m)
+
+    def conv_stats_tiles(self, x_shape, weight_shape, stride: int, groups: int, dtype: torch.dtype,
+                         device: torch.device) -> int:
+        """P of the partials ``conv(..., emit_stats=True)`` returns (the fakes need it)."""
+        c_out, cin_pg, k, _ = weight_shape
+        m = _conv_m(x_shape, weight_shape, stride)
+        return -(-m // configs.conv_config(m, c_out // groups, cin_pg * k * k, k, dtype, device).block_m)
+
+    def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, **kwargs):
+        """(mean, var, scale, shift); keywords of ``stats.bn_finalize_stats`` (running update)."""
         cfg = configs.stats_config(part.device)
-        return bn_finalize(part, weight, bias, eps, block_p=cfg.block_p, block_c=cfg.block_c)
+        return bn_finalize(part, weight, bias, eps, block_p=cfg.block_p, block_c=cfg.block_c, **kwargs)
+
+    def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       **kwargs) -> Tensor:
+        """[5, C] (mean, var, invstd, scale, shift), the running update in the same launch."""
+        device = part.device if part is not None else kwargs["running_mean"].device
+        cfg = configs.stats_config(device)
+        return bn_finalize_stats(part, weight, bias, eps, block_p=cfg.block_p, block_c=cfg.block_c, **kwargs)
 
     def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
-        n, _, h, w = x.shape
         c_out, cin_pg, k, _ = weight.shape
-        stride = kwargs.get("stride", 1)
-        m = n * ((h + 2 * (k // 2) - k) // stride + 1) * ((w + 2 * (k // 2) - k) // stride + 1)
+        m = _conv_m(x.shape, weight.shape, kwargs.get("stride", 1))
         config = configs.conv_config(m, c_out // kwargs.get("groups", 1), cin_pg * k * k, k, x.dtype, x.device)
         return bn_relu_conv(x, weight, config=config, **kwargs)
 

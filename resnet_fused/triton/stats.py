@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .launch import launch
 
-__all__ = ["channel_stats_partials", "bn_finalize", "new_partials", "stats_dtype"]
+__all__ = ["channel_stats_partials", "bn_finalize", "bn_finalize_stats", "new_partials", "stats_dtype"]
 
 
 @triton.jit
@@ -69,44 +69,83 @@ def _channel_stats_partial_kernel(
 
 @triton.jit
 def _bn_finalize_kernel(
-    part_ptr, weight_ptr, bias_ptr,
-    mean_ptr, var_ptr, scale_ptr, shift_ptr,
-    P, C, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    part_ptr, weight_ptr, bias_ptr, out_ptr,
+    run_mean_ptr, run_var_ptr, nbt_ptr,
+    P, C, eps, momentum,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge partials [3, P, C] -> mean, biased var, and the BN affine scale/shift (fp32).
+    """One BatchNorm's statistics step, one launch: merge the partials [3, P, C] (or read the
+    running statistics, ``FROM_RUNNING``), write ``out`` [5, C] = (mean, biased var, invstd,
+    scale, shift), and with ``UPDATE`` move the running statistics (unbiased variance) and count
+    the batch in ``num_batches_tracked``.
 
     Each step reduces a [BLOCK_P, BLOCK_C] block of partials with a fixed reduction tree, then
     merges it into the running result: P / BLOCK_P sequential steps, all in a fixed order.
+    Programs stride over the channel blocks. The momentum=None factor 1 / (batches + 1) is
+    computed here in fp32 from ``num_batches_tracked`` (no host sync); that needs every program to
+    read the count before one writes it, so the launcher runs a single program then
+    (``CUMULATIVE``). With a fixed momentum only program 0 touches the count.
     """
     pid = tl.program_id(0)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_valid = cols < C
-    n = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
-    mean = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
-    m2 = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
-    plane = P * C
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & col_valid[None, :]
-        offs = ps[:, None] * C + cols[None, :]
-        bn = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        bmean = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
-        bm2 = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
-        bn, bmean, bm2 = tl.reduce((bn, bmean, bm2), 0, _chan_merge)
-        n, mean, m2 = _chan_merge(n, mean, m2, bn, bmean, bm2)
-    var = m2 / tl.maximum(n, 1.0)
-    scale = 1.0 / tl.sqrt(var + eps)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + cols, mask=col_valid, other=1.0).to(scale.dtype)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(shift.dtype)
-    tl.store(mean_ptr + cols, mean, mask=col_valid)
-    tl.store(var_ptr + cols, var, mask=col_valid)
-    tl.store(scale_ptr + cols, scale, mask=col_valid)
-    tl.store(shift_ptr + cols, shift, mask=col_valid)
+    n_cblocks = tl.cdiv(C, BLOCK_C)
+    if CUMULATIVE:
+        batches = tl.load(nbt_ptr) + 1
+        factor = 1.0 / batches.to(tl.float32)
+    else:
+        factor = momentum
+    for cb in range(pid, n_cblocks, tl.num_programs(0)):
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_valid = cols < C
+        if FROM_RUNNING:
+            mean = tl.load(run_mean_ptr + cols, mask=col_valid, other=0.0).to(out_ptr.dtype.element_ty)
+            var = tl.load(run_var_ptr + cols, mask=col_valid, other=1.0).to(out_ptr.dtype.element_ty)
+        else:
+            n = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+            mean = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+            m2 = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+            plane = P * C
+            for p0 in range(0, P, BLOCK_P):
+                ps = p0 + tl.arange(0, BLOCK_P)
+                mask = (ps < P)[:, None] & col_valid[None, :]
+                offs = ps[:, None] * C + cols[None, :]
+                bn = tl.load(part_ptr + offs, mask=mask, other=0.0)
+                bmean = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+                bm2 = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+                bn, bmean, bm2 = tl.reduce((bn, bmean, bm2), 0, _chan_merge)
+                n, mean, m2 = _chan_merge(n, mean, m2, bn, bmean, bm2)
+            var = m2 / tl.maximum(n, 1.0)
+            if UPDATE:
+                # nn.BatchNorm2d: running = (1 - f) * running + f * batch, the variance unbiased;
+                # an empty batch moves nothing (it still counts as a batch).
+                unbiased = m2 / tl.maximum(n - 1.0, 1.0)
+                rm = tl.load(run_mean_ptr + cols, mask=col_valid, other=0.0)
+                rv = tl.load(run_var_ptr + cols, mask=col_valid, other=0.0)
+                ct = mean.dtype
+                new_m = (1.0 - factor) * rm.to(ct) + factor * mean
+                new_v = (1.0 - factor) * rv.to(ct) + factor * unbiased
+                moved = col_valid & (n > 0)
+                tl.store(run_mean_ptr + cols, new_m.to(rm.dtype), mask=moved)
+                tl.store(run_var_ptr + cols, new_v.to(rv.dtype), mask=moved)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(weight_ptr + cols, mask=col_valid, other=1.0).to(scale.dtype)
+        shift = -mean * scale
+        if HAS_BIAS:
+            shift = shift + tl.load(bias_ptr + cols, mask=col_valid, other=0.0).to(shift.dtype)
+        tl.store(out_ptr + cols, mean, mask=col_valid)
+        tl.store(out_ptr + C + cols, var, mask=col_valid)
+        tl.store(out_ptr + 2 * C + cols, invstd, mask=col_valid)
+        tl.store(out_ptr + 3 * C + cols, scale, mask=col_valid)
+        tl.store(out_ptr + 4 * C + cols, shift, mask=col_valid)
+    if COUNT_BATCH:
+        if pid == 0:
+            if CUMULATIVE:
+                tl.store(nbt_ptr, batches)
+            else:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,17 +170,54 @@ def channel_stats_partials(x: Tensor, block_m: int = 128, block_c: int = 64) -> 
     return part
 
 
+def bn_finalize_stats(
+    part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,
+    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+    update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None,
+    block_p: int = 64, block_c: int = 64,
+) -> Tensor:
+    """[5, C] = (mean, biased var, invstd, scale, shift) of one BatchNorm, one launch.
+
+    From the partials [3, P, C] (train), or from the running statistics (``from_running``: an
+    eval or frozen norm; ``part`` may be None, ``dtype`` then gives the statistics dtype). With
+    ``update`` the same launch moves ``running_mean`` / ``running_var`` with nn.BatchNorm2d's
+    formulas and adds 1 to ``num_batches_tracked`` (``momentum=None``: the cumulative average,
+    its factor computed on the device in fp32). No host synchronisation.
+    """
+    if from_running:
+        c = running_mean.shape[0]
+        ct = dtype if dtype is not None else stats_dtype(running_mean.dtype)
+        part_arg, p, device = running_mean, 1, running_mean.device
+    else:
+        _, p, c = part.shape
+        ct, part_arg, device = part.dtype, part, part.device
+    out = torch.empty((5, c), dtype=ct, device=device)
+    update = update and not from_running and running_mean is not None and running_mean.numel() > 0
+    count_batch = update and num_batches_tracked is not None
+    cumulative = momentum is None and update
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    dummy = out
+    grid = (1 if cumulative else triton.cdiv(c, block_c),)
+    launch(_bn_finalize_kernel, grid, out,
+           part_arg, weight if weight is not None else dummy, bias if bias is not None else dummy, out,
+           running_mean if running_mean is not None and running_mean.numel() else dummy,
+           running_var if running_var is not None and running_var.numel() else dummy,
+           num_batches_tracked if num_batches_tracked is not None else dummy,
+           p, c, eps, 0.0 if momentum is None else float(momentum),
+           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING=from_running,
+           UPDATE=update, CUMULATIVE=cumulative, COUNT_BATCH=count_batch,
+           BLOCK_P=block_p, BLOCK_C=block_c)
+    return out
+
+
 def bn_finalize(
     part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-    block_p: int = 64, block_c: int = 64,
+    block_p: int = 64, block_c: int = 64, **kwargs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, biased var, scale, shift), each [C] in the partials' dtype, from partials [3, P, C]."""
-    _, p, c = part.shape
-    out = torch.empty((4, c), dtype=part.dtype, device=part.device)
-    mean, var, scale, shift = out.unbind(0)
-    launch(_bn_finalize_kernel, (triton.cdiv(c, block_c),), part,
-           part, weight if weight is not None else part, bias if bias is not None else part,
-           mean, var, scale, shift, p, c, eps,
-           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-           BLOCK_P=block_p, BLOCK_C=block_c)
+    """(mean, biased var, scale, shift), each [C] in the partials' dtype, from partials [3, P, C];
+    keywords of :func:`bn_finalize_stats` (the running-statistics update) pass through."""
+    out = bn_finalize_stats(part, weight, bias, eps, block_p=block_p, block_c=block_c, **kwargs)
+    mean, var, _, scale, shift = out.unbind(0)
     return mean, var, scale, shift
