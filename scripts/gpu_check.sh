@@ -14,7 +14,10 @@
 # 8.5 minutes and well inside a 560 s device command):
 #   build    170  (deadline 170)  pip install -e . with _C for sm_90a; MAX_JOBS = nproc (not
 #                                 MemAvailable, which starts small on that VM); $CUDA_HOME/bin on
-#                                 PATH (cuobjdump, compute-sanitizer); TRITON_INTERPRET=0 forced
+#                                 PATH (cuobjdump, compute-sanitizer); TRITON_INTERPRET=0 forced.
+#                                 Beside it, a Triton compile warm-up (the parity's Triton cases,
+#                                 one process per dtype; QUICK_WARMUP=0 disables), stopped when
+#                                 the build ends
 #   parity   110  (deadline 280)  scripts/gpu_parity.py: whole blocks at the real ResNet-50 and
 #                                 ResNeXt-50 unit shapes, batch 32, bf16 and fp16, triton and
 #                                 cuda, the selector's own configs; eval output, train output,
@@ -195,6 +198,40 @@ extension_loads() {
     [ "$EXT_LOADS" = yes ]
 }
 
+# --- Triton compile warm-up, beside the build ----------------------------------------------------
+# nvcc leaves cores idle while it builds _C, and the real-shape parity spends most of its budget
+# compiling Triton kernels: one process per dtype runs the parity's Triton cases meanwhile (no
+# _C needed), filling Triton's cache for the parity and the benchmarks. Stopped when the build
+# ends; its results are not the parity's (that part reruns everything), only its log is kept.
+WARM_PIDS=()
+start_warmup() {  # seconds
+    local seconds=$1 dt
+    [ "${QUICK_WARMUP:-1}" = 1 ] || return 0
+    local dtypes=(bf16 fp16) extra=()
+    if [ "$DRY_RUN" = 1 ]; then
+        dtypes=(fp16)  # the interpreter compiles nothing: this only runs the path
+        extra=(--dry-run --families bottleneck --units conv3_x.first --spread-samples 0)
+    fi
+    for dt in "${dtypes[@]}"; do
+        timeout --kill-after=5 "$seconds" "$PY" scripts/gpu_parity.py --backends triton --dtypes "$dt" \
+            --out "$WORK/warmup.$dt.json" --budget-s "$seconds" "${extra[@]}" \
+            > "$WORK/logs/warmup.$dt.log" 2>&1 &
+        WARM_PIDS+=($!)
+    done
+    echo "warm-up: Triton parity cases for ${dtypes[*]} beside the build (pids ${WARM_PIDS[*]})" | tee -a "$(log_file build)"
+}
+
+stop_warmup() {  # wait: 1 to let them finish (dry run), else stop them now
+    local pid
+    for pid in "${WARM_PIDS[@]}"; do
+        [ "${1:-0}" = 1 ] || kill -TERM "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    [ ${#WARM_PIDS[@]} -gt 0 ] && echo "warm-up: stopped after $((SECONDS - START)) s" | tee -a "$(log_file build)"
+    WARM_PIDS=()
+    return 0
+}
+
 # --- parts --------------------------------------------------------------------------------------
 
 part_build() {  # seconds
@@ -365,6 +402,10 @@ run_quick() {
         echo "--- quick: $part, $seconds s (deadline $deadline s of $limit s; $((SECONDS - START)) s used)"
         if [ "$part" = summary ]; then
             part_summary
+        elif [ "$part" = build ]; then
+            start_warmup "$seconds"
+            part_build "$seconds"
+            stop_warmup "$DRY_RUN"
         elif [ "$seconds" -lt 15 ] && [ "$part" != build ]; then
             log_header "$part" "not started: $seconds s left before its deadline"
             record "$part" 124 0 --not-run "no time left ($seconds s before its deadline of $deadline s)"
