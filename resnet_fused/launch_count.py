@@ -87,7 +87,8 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str) -> None:
 
 
 def count_launches(model: nn.Module, x: torch.Tensor, mode: str, run_kernels: bool = False) -> dict[str, Any]:
-    """``dict(triton=int, cuda=int, aten=int, aten_by_op=dict, total=int)`` for one step of
+    """``dict(triton=int, cuda=int, aten=int, aten_by_op=dict, triton_by_kernel=dict,
+    cuda_by_op=dict, total=int)`` for one step of
     ``model`` on ``x`` in ``mode`` (see the module docstring). A warm-up step runs first (its
     running-statistics update happens, as any step's would), so one-time work is not counted.
 
@@ -119,4 +120,5 @@ def count_launches(model: nn.Module, x: torch.Tensor, mode: str, run_kernels: bo
     cuda = sum(cuda_kernels.launch_counts().values())
     n_aten = sum(aten.values())
     return dict(triton=triton, cuda=cuda, aten=n_aten, aten_by_op=dict(aten.most_common()),
-                total=triton + cuda + n_aten)
+                triton_by_kernel=dict(triton_launch.launch_counts().most_common()),
+                cuda_by_op=dict(cuda_kernels.launch_counts().most_common()), total=triton + cuda + n_aten)
