@@ -1,6 +1,7 @@
 """The block parity matrix shared by the fused backends' tests: cases, twins, modes."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -68,3 +69,194 @@ def check_running_stats(fused, exact, eager, dtype):
             assert_parity(fused.state_dict()[key], eager.state_dict()[key], value, dtype, key)
         elif key.endswith("num_batches_tracked"):
             assert int(fused.state_dict()[key]) == int(value), key
+
+
+# ---- Parity checks shared by the backends' tests and the mutation suite ------------------
+#
+# Each check builds one problem, runs the fused block and its twins and asserts the 2x-eager
+# rule (helpers.py) on every output, statistic and gradient; a failure is an AssertionError.
+# test_triton_forward.py and test_cuda_blocks.py call them for their parity matrices, and
+# test_mutations.py calls the very same functions with a fault injected into a kernel set and
+# expects the AssertionError. They return the fused run's launch counts for the caller's guards.
+
+def condition_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """BN affine parameters that keep every pre-activation away from the ReLU's kink.
+
+    |beta| / gamma in [3, 4] per channel (three in four channels mostly open, the rest mostly
+    closed): a normalised value z = gamma * xhat + beta lies within the rounding error of a 16-bit
+    input of zero for ~phi(beta / gamma) u ~ 0.004 u of positions instead of ~0.4 u, so a 16-bit
+    rounding placed differently by two correct implementations seldom flips a mask. Masks still
+    differ per position (0.003-0.1% of each channel on the far side), and every channel keeps
+    mean/std ~ 3-4 after the ReLU, so the next conv's outputs have per-channel means of the order
+    of their spread (which is what makes a statistics count error visible in 16 bits).
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+                sign = torch.where(torch.rand(c, generator=gen) < 0.75, 1.0, -1.0).double()
+                sign[0] = 1.0  # the mutation suite's one-channel faults act on channel 0
+                beta = sign * gamma * (torch.rand(c, generator=gen, dtype=torch.float64) + 3.0)
+                m.weight.copy_(gamma)
+                m.bias.copy_(beta)
+
+
+def calibrate_running_stats(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Running statistics = the batch statistics of ``x`` (float64, unbiased var): eval and
+    frozen norms then see standardised inputs, as a trained network's do, and
+    :func:`condition_bn` keeps them away from the kink there too."""
+    twin = copy.deepcopy(module).double().train()
+    norms = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        twin(x.double())
+    own = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for mine, theirs in zip(own, norms):
+            mine.running_mean.copy_(theirs.running_mean)
+            mine.running_var.copy_(theirs.running_var)
+
+
+def shortcut_of(case: str) -> str:
+    """The shortcut kind a case's block resolves to."""
+    kw = CASES[case][1]
+    return rf.reference.resolve_shortcut(kw["in_chs"], kw["out_chs"], kw.get("stride", 1), kw.get("shortcut"))
+
+
+def layout_of(case: str):
+    """The input layout of a case, deterministic: NCHW for every other case in CASES order."""
+    return torch.contiguous_format if list(CASES).index(case) % 2 else torch.channels_last
+
+
+class Problem:
+    """One parity problem: the fused block, its float64 and same-dtype eager twins, the input
+    and (for gradients) the upstream gradient, already rounded to ``dtype`` so that the float64
+    reference differentiates exactly what the 16-bit blocks are given."""
+
+    def __init__(self, case, dtype, gen, backend, mode, *, well_conditioned: bool = False,
+                 shape=None, offset: float = 0.0, spread: float = 1.0, memory_format=torch.channels_last):
+        kind, kwargs, default_shape = CASES[case]
+        shape = shape or default_shape
+        self.case, self.kind, self.dtype, self.mode = case, kind, dtype, mode
+        self.fused, self.exact, self.eager = make_pair(case, dtype, gen, backend=backend)
+        n, h, w = shape
+        x = torch.randn(n, kwargs["in_chs"], h, w, generator=gen, dtype=torch.float64) * spread + offset
+        self.x = x.to(DEVICE, dtype).contiguous(memory_format=memory_format)
+        if well_conditioned:
+            condition_bn(self.fused, gen)
+            self.fused.to(dtype)
+            calibrate_running_stats(self.fused, self.x)
+            self.fused.to(dtype)
+            self.exact.load_state_dict(self.fused.state_dict())
+            self.eager.load_state_dict(self.fused.state_dict())
+        set_mode((self.fused, self.exact, self.eager), mode)
+
+    def out_shape(self):
+        with torch.no_grad():
+            return self.exact.eval()(self.x.double()).shape
+
+
+def fused_context(backend: str, strategy: str = "fused"):
+    """Triton: the small tiles and the strategy forced (helpers.py); cuda: nothing to force."""
+    if backend == "triton":
+        from resnet_fused.triton.configs import forced_configs
+        from helpers import SMALL_BACKWARD, SMALL_CONV, SMALL_STATS
+        return forced_configs(SMALL_CONV, SMALL_STATS, strategy=strategy, backward=SMALL_BACKWARD)
+    return contextlib.nullcontext()
+
+
+def reset_launches() -> None:
+    from resnet_fused.cuda import reset_launch_counts as reset_cuda
+    from resnet_fused.triton.launch import reset_launch_counts as reset_triton
+    reset_cuda()
+    reset_triton()
+
+
+def launches(backend: str):
+    """The fused run's launch counts of ``backend``; a cuda run asserts no Triton kernel ran."""
+    from resnet_fused.cuda import launch_counts as cuda_counts
+    from resnet_fused.triton.launch import launch_counts as triton_counts
+    if backend == "cuda":
+        assert not triton_counts(), f"Triton kernels ran: {triton_counts()}"
+        return cuda_counts()
+    return triton_counts()
+
+
+def block_grads(module, x, grad_out) -> dict:
+    """Input gradient and every parameter gradient of ``module`` at ``x`` for ``grad_out``."""
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.backward(grad_out.to(out.dtype))
+    return {"out": out.detach(), "x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+
+@contextlib.contextmanager
+def stored_as(exact: torch.nn.Module, kind: str, dtype: torch.dtype):
+    """The float64 reference with its stored conv outputs (y1, and y2 for a bottleneck: what
+    both implementations save for the backward and feed to the next norm) rounded to ``dtype``;
+    their gradients pass unchanged (the implementations differentiate as if y were exact).
+
+    Without it, a one-ulp storage rounding that both implementations make alike can flip a
+    ReLU mask against the float64 reference and move a train-mode BN gradient (a near-cancelling
+    sum) by percents in both: a shared error that would widen eager's and hide a kernel's.
+    """
+    def round_to_storage(_module, _inputs, out):
+        return out + (out.to(dtype).to(out.dtype) - out).detach()
+
+    names = ("conv1", "conv2") if kind == "bottleneck" else ("conv1",)
+    handles = [getattr(exact, n).register_forward_hook(round_to_storage) for n in names]
+    try:
+        yield exact
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_forward(case, backend, mode, dtype, gen, strategy="fused", grad=None, **problem):
+    """Output and running statistics of one case against the float64 twin (2x-eager rule)."""
+    p = Problem(case, dtype, gen, backend, mode, **problem)
+    grad = (mode == "frozen") if grad is None else grad
+    reset_launches()
+    with fused_context(backend, strategy), torch.set_grad_enabled(grad):
+        out = p.fused(p.x)
+    counts = launches(backend)
+    with torch.set_grad_enabled(grad):
+        expected, eager_out = p.exact(p.x.double()), p.eager(p.x)
+    assert out.dtype == dtype and out.device == p.x.device and out.shape == expected.shape
+    layout = torch.channels_last if p.x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout)
+    assert_parity(out, eager_out, expected, dtype, f"{case} {mode} output")
+    check_running_stats(p.fused, p.exact, p.eager, dtype)
+    return counts
+
+
+def check_backward(case, backend, mode, dtype, gen, strategy="fused", **problem):
+    """Input gradient and every parameter gradient of one case (2x-eager rule).
+
+    16-bit cases are well conditioned (:func:`condition_bn`, running statistics calibrated, the
+    float64 twin's stored conv outputs rounded as the implementations store them:
+    :func:`stored_as`), so the plain 2x rule holds without widening; fp32 cases keep
+    ``randomize_bn`` (masks evenly split, as many kinks as possible: fp32 rounding is far below
+    what a mask flip would need)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        problem = dict(dict(well_conditioned=True), **problem)
+    p = Problem(case, dtype, gen, backend, mode, **problem)
+    grad_out = torch.randn(p.out_shape(), generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    set_mode((p.fused, p.exact, p.eager), mode)  # the shape probe must not count as a step
+    reset_launches()
+    with fused_context(backend, strategy):
+        got = block_grads(p.fused, p.x, grad_out)
+    counts = launches(backend)
+    with stored_as(p.exact, p.kind, dtype):
+        want = block_grads(p.exact, p.x.double(), grad_out.double())
+    eager = block_grads(p.eager, p.x, grad_out)
+    assert set(got) == set(want)
+    for key in ("out",):  # the forward of the same step (what a forward fault changes first)
+        assert_parity(got[key], eager[key], want[key], dtype, f"{case} {mode} output")
+    del got["out"], want["out"], eager["out"]
+    for name in want:
+        assert_parity(got[name], eager[name], want[name], dtype, f"{case} {mode} grad {name}")
+    return counts

@@ -1,9 +1,10 @@
 """Shared test utilities (imported by the test modules; pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -40,44 +41,82 @@ def randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 # ---- Tolerances: one rule, one table ------------------------------------------------------
 #
-# The fused result's error against a float64 reference may be at most 2x the error eager
-# PyTorch makes in the same dtype, plus a floor of two units of roundoff of the storage dtype.
+# The rule: the fused result's error against a float64 reference may be at most 2x the error
+# eager PyTorch makes in the same dtype, plus a floor of two units of roundoff of the storage dtype.
 # The floor covers rounding the fused kernels do in a different place than eager (the residual
 # added to the fp32 accumulator before the one final rounding, where eager rounds the conv
 # output first; statistics taken in fp32 tiles instead of one reduction), each at most about
 # one ulp in relative norm; it matters only where eager itself happens to be nearly exact.
+#
+# The ceiling: no bound exceeds 8x eager's own error on the same problem plus the floor. An
+# ``eager_spread`` (eager's error over rounding-noise copies, below) can widen the 2x rule where
+# one eager sample is a noisy measure, but it is capped at 4x eager's error, so a bound never
+# widens with noise past 2 * 4 * eager_err + 2u. The 16-bit gradient checks pass no spread at
+# all: they run well-conditioned problems (tests/block_cases.py: condition_bn, stored_as),
+# where the plain 2x rule holds; tests/test_mutations.py proves that those bounds are tight
+# enough to catch a 1.05x weight gradient, a dropped 3x3 tap, a wrong ReLU mask on one channel,
+# a statistics count off by one and a shortcut gradient added twice, case by case.
+#
+# TF32 (GPU only; on the CPU the Triton interpreter and the CUDA host emulator compute in full
+# fp32): the Triton kernels pick TF32 dots for fp32 whenever torch.backends.cudnn.allow_tf32
+# says so, and eager's cuDNN convolutions follow the same flag. Both would then round their
+# operands to 10-bit mantissas, differently, and the 2x rule would compare two TF32 roundings.
+# fp32 parity on a GPU therefore runs with TF32 off in both implementations: importing this
+# module turns both flags off for the test process (every parity test imports it), and
+# ``assert_parity`` refuses an fp32 comparison of CUDA tensors made while either flag allows
+# TF32, so a test that turns TF32 on must do its comparisons under ``tf32_off()``.
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24,
                  torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+#: The ceiling on a widened bound: spread counts at most this many times eager's own error.
+MAX_SPREAD_FACTOR = 4.0
+
+#: When a list, every ``assert_parity`` call appends (what, dtype, fused err, eager err, bound):
+#: how the suite's worst fused/eager ratio is measured (scripts outside pytest set it).
+PARITY_LOG: Optional[list] = None
 
 
 def tolerance(dtype: torch.dtype, eager_err: float) -> float:
     return 2.0 * eager_err + 2.0 * UNIT_ROUNDOFF[dtype]
 
 
+def tf32_allowed() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 off for cuDNN and cuBLAS (eager) and therefore for the Triton dots, whose
+    ``dot_precision`` follows cuDNN's flag; restored on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# fp32 parity with full-fp32 dots in both implementations (see above); a no-op on the CPU.
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
 def assert_parity(fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
                   what: str = "", eager_spread: float = 0.0) -> None:
-    """The 2x-eager rule: rel_err(fused, exact) <= 2 max(rel_err(eager, exact), eager_spread)
-    + floor(dtype); ``eager_spread`` from :func:`eager_error_spread` where one eager sample is
-    not a fair measure of eager's accuracy."""
+    """The 2x-eager rule: rel_err(fused, exact) <= 2 max(rel_err(eager, exact), spread) + 2u,
+    spread = min(``eager_spread``, 4 rel_err(eager, exact)) (from :func:`eager_error_spread`
+    where one eager sample is not a fair measure of eager's accuracy), so the bound never
+    exceeds 8x eager's error + 2u. An fp32 comparison on a GPU requires TF32 off."""
     assert fused.shape == exact.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
+    if dtype == torch.float32 and fused.is_cuda:
+        assert not tf32_allowed(), f"{what}: fp32 parity on a GPU with TF32 allowed (run it under tf32_off())"
     err, eager_err = rel_err(fused, exact), rel_err(eager, exact)
-    bound = tolerance(dtype, max(eager_err, eager_spread))
+    spread = min(eager_spread, MAX_SPREAD_FACTOR * eager_err)
+    bound = tolerance(dtype, max(eager_err, spread))
+    if PARITY_LOG is not None:
+        PARITY_LOG.append((what, dtype, err, eager_err, bound))
     assert err <= bound, (f"{what}: fused error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, "
                           f"eager over perturbed inputs up to {eager_spread:.3e}, {dtype})")
 
 
-# Some block gradients are ill-conditioned by construction: in train mode a BN's backward output
-# sums to zero per channel, so the dbeta of the norm before that conv (a sum of the masked dgrad)
-# is the small remainder of a zero sum, and a ReLU mask recomputed next to zero can flip. One
-# 16-bit rounding placed differently by two correct implementations then moves such a gradient
-# by far more than an ulp, and whether eager or the fused kernels lands closer on one input is
-# chance (measured over 6 rounding-noise copies of one such problem: fused and eager errors
-# spread alike, 0.06-0.13 relative, while single runs differed up to 40x). One eager run is then a noisy
-# estimate of eager's accuracy on the problem. The fair estimate: eager's error over a few
-# copies of the same problem whose inputs and parameters differ by rounding noise (a relative
-# N(0, u) perturbation, u the dtype's unit roundoff, rounded back to the dtype), and the 2x rule
-# against the largest. Where the problem is well conditioned that spread is eager's own error
-# and nothing changes.
 def eager_error_spread(grads_of: Callable, eager: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype,
                        gen: torch.Generator, exact: dict, samples: int = 6) -> dict:
     """Per gradient, the largest rel_err against ``exact`` of ``grads_of(module, x)`` over

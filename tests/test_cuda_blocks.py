@@ -9,19 +9,25 @@ here; the device-only parts (tensor-core fragments, shared-memory races) need th
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 import resnet_fused as rf
-from block_cases import CASES, CONVS, check_running_stats, make_input, make_pair, set_mode
-from helpers import DEVICE, assert_parity, randomize_bn, eager_error_spread
+from block_cases import CASES, CONVS, check_backward, check_running_stats, make_input, make_pair, set_mode, shortcut_of
+from helpers import DEVICE, assert_parity, randomize_bn
 from resnet_fused import _extension
 from resnet_fused.cuda import launch_counts, reset_launch_counts
 from resnet_fused.triton import launch as triton_launch
 
-pytestmark = pytest.mark.skipif(not _extension.is_available(),
-                                reason=f"resnet_fused._C is not available: {_extension.unavailable_reason()}")
+if not _extension.is_available():
+    # A silent module skip would hide a broken build where the build is required (make test
+    # with a CUDA toolkit sets RESNET_FUSED_REQUIRE_C=1): fail the collection there instead.
+    if os.environ.get("RESNET_FUSED_REQUIRE_C") == "1":
+        raise RuntimeError(f"RESNET_FUSED_REQUIRE_C=1 but resnet_fused._C is not available: "
+                           f"{_extension.unavailable_reason()}")
+    pytest.skip(f"resnet_fused._C is not available: {_extension.unavailable_reason()}", allow_module_level=True)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,18 +41,6 @@ def run(module, x, grad_out=None):
         out.backward(grad_out.to(out.dtype))
     assert not triton_launch.launch_counts(), f"Triton kernels ran: {triton_launch.launch_counts()}"
     return out, launch_counts()
-
-
-def _grads(module, x, grad_out, fused: bool):
-    x = x.detach().clone().requires_grad_()
-    module.zero_grad(set_to_none=True)
-    if fused:
-        _, counts = run(module, x, grad_out)
-    else:
-        out = module(x)
-        out.backward(grad_out.to(out.dtype))
-        counts = None
-    return {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}, counts
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -72,26 +66,14 @@ def test_forward_parity(case, mode, dtype, gen):
 @pytest.mark.parametrize("mode", ["train", "frozen"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_parity(case, mode, dtype, gen):
-    """Input gradient and every parameter gradient (conv weights, BN weight and bias)."""
-    dtype = DTYPES[dtype]
-    fused, exact, eager = make_pair(case, dtype, gen, backend="cuda")
-    set_mode((fused, exact, eager), mode)
-    x = make_input(case, dtype, gen)
-    with torch.no_grad():
-        out_shape = exact(x.double()).shape
-    set_mode((fused, exact, eager), mode)
-    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    got, counts = _grads(fused, x, grad_out, fused=True)
-    want, _ = _grads(exact, x.double(), grad_out, fused=False)
-    eager_grads, _ = _grads(eager, x, grad_out, fused=False)
-    spread = eager_error_spread(lambda m, t: _grads(m, t, grad_out, fused=False)[0], eager, x, dtype, gen, want)
+    """Output, input gradient and every parameter gradient (conv weights, BN weight and bias):
+    ``block_cases.check_backward``, the check the mutation suite (test_mutations.py) proves."""
+    counts = check_backward(case, "cuda", mode, DTYPES[dtype], gen)
     kind = CASES[case][0]
-    projection = any(name.startswith("downsample.") for name in want)
+    projection = shortcut_of(case) == "projection"
+    assert counts["conv_fwd_cuda"] == CONVS[kind], counts
     assert counts["conv_dgrad_cuda"] == CONVS[kind], counts
     assert counts["conv_wgrad_cuda"] == CONVS[kind] + projection, counts
-    assert set(got) == set(want)
-    for name in want:
-        assert_parity(got[name], eager_grads[name], want[name], dtype, f"grad {name}", spread[name])
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

@@ -107,11 +107,15 @@ def test_backward_ops_opcheck(kind, gen):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_training_step_captures_in_a_cuda_graph(backend, gen):
-    """A whole training step (forward, backward, SGD) of a fused model captures and replays: no
-    host synchronisation inside the ops."""
+    """A whole training step (forward, backward, SGD) of a fused model captures and replays (no
+    host synchronisation inside the ops), and the replay equals, to the bit, the same step run
+    without a graph from the same state: loss, logits, every gradient, the updated parameters and
+    running statistics (the same kernels run on the same data)."""
     if backend == "cuda" and not rf._extension.is_available():
         pytest.skip(f"resnet_fused._C is not available: {rf._extension.unavailable_reason()}")
-    fused, eager = tiny_models(gen, backend)
+    from resnet_fused.cuda import launch_counts as cuda_counts, reset_launch_counts as reset_cuda
+    from resnet_fused.triton.launch import launch_counts as triton_counts, reset_launch_counts as reset_triton
+    fused, _ = tiny_models(gen, backend)
     fused = fused.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(fused.parameters(), lr=0.01, capturable=True) if "capturable" in \
         torch.optim.SGD.__init__.__code__.co_varnames else torch.optim.SGD(fused.parameters(), lr=0.01)
@@ -120,10 +124,11 @@ def test_training_step_captures_in_a_cuda_graph(backend, gen):
 
     def step():
         opt.zero_grad(set_to_none=False)
-        loss = torch.nn.functional.cross_entropy(fused(x), target)
+        logits = fused(x)
+        loss = torch.nn.functional.cross_entropy(logits, target)
         loss.backward()
         opt.step()
-        return loss
+        return loss, logits
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -133,10 +138,27 @@ def test_training_step_captures_in_a_cuda_graph(backend, gen):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = step()
-    before = copy.deepcopy(fused.state_dict())
+        static_loss, static_logits = step()
+    start = {k: v.clone() for k, v in fused.state_dict().items()}
+
+    def snapshot(loss, logits):
+        torch.cuda.synchronize()
+        return {"loss": loss.detach().clone(), "logits": logits.detach().clone(),
+                **{f"grad {n}": p.grad.clone() for n, p in fused.named_parameters()},
+                **{k: v.clone() for k, v in fused.state_dict().items()}}
+
     graph.replay()
-    torch.cuda.synchronize()
-    assert torch.isfinite(static_loss)
-    changed = [k for k, v in fused.state_dict().items() if not torch.equal(v, before[k])]
-    assert any("conv" in k for k in changed) and any("running_mean" in k for k in changed)
+    replayed = snapshot(static_loss, static_logits)
+    with torch.no_grad():  # back to the same state, in place (the graph holds these tensors)
+        for k, v in fused.state_dict().items():
+            v.copy_(start[k])
+    reset_cuda()
+    reset_triton()
+    eager_loss, eager_logits = step()
+    ran = cuda_counts()["conv_fwd_cuda"] if backend == "cuda" else triton_counts()["_bn_relu_conv_kernel"]
+    assert ran > 0, "the fused kernels did not run in the step without a graph"
+    direct = snapshot(eager_loss, eager_logits)
+    assert torch.isfinite(replayed["loss"])
+    assert any(not torch.equal(replayed[k], start[k]) for k in start if "running_mean" in k)
+    different = [k for k in direct if not torch.equal(replayed[k], direct[k])]
+    assert not different, f"graph replay and the direct step differ in {different}"
