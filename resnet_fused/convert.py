@@ -30,6 +30,13 @@ block is built on the meta device first, so a swap allocates nothing.
 Not kept: Python attributes you set on a block object yourself (the new object is a different
 instance). Blocks carrying hooks are not converted (the hooks would be lost or, on submodules,
 never fire inside a fused kernel).
+
+Stage fusion (``stage.py``): every plain ``nn.Sequential`` that holds a fused block becomes a
+``FusedStage`` and every plain ``nn.Sequential`` of such stages (timm's and this package's
+``stages``) a ``FusedStages``, by switching the object's class (same object, children, keys):
+the blocks then hand bn1's input statistics to each other, so only the network's first block
+takes its own. ``unconvert`` switches them back. ``describe(model, statistics=True)`` says, per
+block, whether its input statistics come chained or from its own pass.
 """
 from __future__ import annotations
 
@@ -484,7 +491,37 @@ def _runs(block: nn.Module, origin: str, kind: str) -> tuple[bool, str, Optional
     return False, f"not fused: {reason}", reason
 
 
-def describe(model: nn.Module, as_dict: bool = False) -> Union[str, dict[str, dict]]:
+def _statistics_sources(model: nn.Module) -> dict[int, str]:
+    """id(block) -> where a fused block's train-mode input statistics come from (structure only:
+    eval/frozen norms need none, and a block running the reference takes none)."""
+    out: dict[int, str] = {}
+
+    def chain(blocks: list, carried: bool) -> bool:
+        prev_fused = carried
+        for b in blocks:
+            fused = isinstance(b, _FusedBlock) and not any(getattr(b, a, None) for a in (
+                "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+            if isinstance(b, _FusedBlock):
+                out[id(b)] = ("chained from the previous block's last conv" if fused and prev_fused
+                              else "own statistics pass")
+            prev_fused = fused
+        return prev_fused
+
+    for m in model.modules():
+        if type(m) is FusedStages:
+            carried = False
+            for child in m.children():
+                inner = _stage_blocks(child)
+                carried = chain(list(inner), carried) if inner is not None else False
+    for m in model.modules():
+        if type(m) is FusedStage:
+            blocks = list(m)
+            if not all(id(b) in out for b in blocks if isinstance(b, _FusedBlock)):
+                chain(blocks, False)
+    return out
+
+
+def describe(model: nn.Module, as_dict: bool = False, statistics: bool = False) -> Union[str, dict[str, dict]]:
     """What runs each pre-activation block of ``model``.
 
     Returns one line per block, ``"<path>: <type> -> <what runs>"``, where what runs is
@@ -498,10 +535,18 @@ def describe(model: nn.Module, as_dict: bool = False) -> Union[str, dict[str, di
     "kind": "bottleneck" | "basic", "backend": the fused block's backend or None, "fused": bool
     (fused kernels may run), "runs": the text above, "reason": why not fusable, or None}}`` in
     module order.
+
+    With ``statistics=True`` each line ends with ``[input statistics: ...]`` and each dict entry
+    gains ``input_stats``: for a fused block, whether its train-mode bn1 statistics come chained
+    from the previous block's last conv (stage fusion, ``stage.py``) or from its own pass (the
+    first block of a chain: the network's first, or after a break), None for other blocks.
     """
     _check_model(model, "describe")
     if not isinstance(as_dict, bool):
         raise TypeError(f"as_dict must be a bool, got {type(as_dict).__name__}")
+    if not isinstance(statistics, bool):
+        raise TypeError(f"statistics must be a bool, got {type(statistics).__name__}")
+    sources = _statistics_sources(model) if statistics else {}
     info: dict[str, dict] = {}
     for path, block, origin, kind in _find_blocks(model):
         fused, runs, reason = _runs(block, origin, kind)
@@ -509,6 +554,11 @@ def describe(model: nn.Module, as_dict: bool = False) -> Union[str, dict[str, di
         info[path or "(root)"] = dict(
             type=f"{prefix}{type(block).__name__}", origin=origin, kind=kind,
             backend=block.backend if origin == "fused" else None, fused=fused, runs=runs, reason=reason)
+        if statistics:
+            info[path or "(root)"]["input_stats"] = sources.get(id(block), "own statistics pass"
+                                                                if origin == "fused" else None)
     if as_dict:
         return info
-    return "\n".join(f"{path}: {d['type']} -> {d['runs']}" for path, d in info.items())
+    return "\n".join(f"{path}: {d['type']} -> {d['runs']}"
+                     + (f" [input statistics: {d['input_stats']}]" if d.get("input_stats") else "")
+                     for path, d in info.items())

@@ -48,9 +48,9 @@ MODELS = {
     "bottleneck-momentum-none": (lambda s: _package_model(ModelConfig("bottleneck", (2, 1), (24, 40), 0.5), s,
                                                           momentum=None), None),
     "basic": (lambda s: _package_model(ModelConfig("basic", (2, 1), (8, 16), 1.0), s), None),
-    "resnext": (lambda s: _package_model(ModelConfig("bottleneck", (2, 1), (32, 32), 0.5, groups=4), s), None),
+    "resnext": (lambda s: _package_model(ModelConfig("bottleneck", (1, 1), (32, 32), 0.5, groups=4), s), None),
     "timm-resnetv2": (_timm_model, None),
-    "frozen-first-stage": (lambda s: _package_model(ModelConfig("bottleneck", (2, 1), (24, 40), 0.5), s), 0),
+    "frozen-first-stage": (lambda s: _package_model(ModelConfig("bottleneck", (1, 1), (24, 40), 0.5), s), 0),
 }
 
 
@@ -198,6 +198,9 @@ def test_state_dict_loads_both_ways_and_unconvert_restores(gen):
     own = rf.resnet_v2_18(num_classes=3)
     assert type(own.stages) is FusedStages and type(own.stages[0].blocks) is FusedStage
     keys = list(own.state_dict())
+    lines = rf.describe(rf.convert(own, backend="triton"), statistics=True).splitlines()
+    assert lines[0].endswith("[input statistics: own statistics pass]")
+    assert all(line.endswith("[input statistics: chained from the previous block's last conv]") for line in lines[1:])
     rf.unconvert(own)
     assert type(own.stages[0].blocks) is nn.Sequential and list(own.state_dict()) == keys
 

@@ -67,11 +67,8 @@ class CudaKernels:
         pad = k // 2
         return _extension.conv_fwd_tiles_m(n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, k)
 
-    def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                       *, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                       num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
-                       update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """[5, C] (mean, var, invstd, scale, shift); the running update as torch ops."""
+    def _finalize(self, part, weight, bias, eps, *, running_mean=None, running_var=None, num_batches_tracked=None,
+                  momentum=0.1, update=False, from_running=False, dtype=None) -> tuple[Tensor, ...]:
         if from_running:
             ct = dtype if dtype is not None else reference.stats_dtype(running_mean.dtype)
             mean, var = running_mean.to(ct), running_var.to(ct)
@@ -85,11 +82,17 @@ class CudaKernels:
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(shift.dtype)
-        return torch.stack((mean, var, invstd, scale, shift))
+        return mean, var, invstd, scale, shift
+
+    def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       **kwargs) -> Tensor:
+        """[5, C] (mean, var, invstd, scale, shift); the running update (``update``) as torch ops."""
+        return torch.stack(self._finalize(part, weight, bias, eps, **kwargs))
 
     def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, **kwargs):
-        out = self.finalize_stats(part, weight, bias, eps, **kwargs)
-        return out[0], out[1], out[3], out[4]
+        """(mean, var, scale, shift), separate tensors."""
+        mean, var, _, scale, shift = self._finalize(part, weight, bias, eps, **kwargs)
+        return mean, var, scale, shift
 
     def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
         return kernels.bn_relu_conv(x, weight, **kwargs)

@@ -46,9 +46,29 @@ class KernelSet(Protocol):
     def stats_partials(self, x: Tensor) -> Tensor:
         """Statistics partials [3, P, C] of x."""
 
+    #: Whether ``conv`` computes an eval-mode norm's affine itself (keywords ``scale_stats``,
+    #: ``proj_stats``, ``post_stats`` = (running_mean, running_var, eps), with the norm's weight and
+    #: bias in the matching scale/shift slots).
+    affine_from_stats: bool
+
+    def stats_tiles(self, m: int, device: torch.device) -> int:
+        """P of ``stats_partials`` over m rows."""
+
+    def conv_stats_tiles(self, x_shape, weight_shape, stride: int, groups: int, dtype: torch.dtype,
+                         device: torch.device) -> int:
+        """P of the partials ``conv(..., emit_stats=True)`` returns."""
+
     def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(mean, biased var, scale, shift) per channel from partials."""
+                 eps: float, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, biased var, scale, shift) per channel from partials; optional keywords as
+        ``finalize_stats`` (the running-statistics update)."""
+
+    def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float, **kwargs) -> Tensor:
+        """[5, C] = (mean, biased var, invstd, scale, shift). Keywords: running_mean, running_var,
+        num_batches_tracked, momentum (None: cumulative), update (move the running statistics,
+        count the batch), from_running (statistics from the running buffers; ``part`` None),
+        dtype (with from_running)."""
 
     def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
         """The fused forward conv (keywords of ``resnet_fused.triton.conv.bn_relu_conv``)."""
