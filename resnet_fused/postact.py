@@ -74,6 +74,8 @@ def downsample_parts(downsample: Optional[nn.Module]) -> Optional[tuple[nn.Conv2
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":  # FLOP counting on meta tensors: no autocast there
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 

@@ -563,3 +563,20 @@ def test_convert_keeps_parameters_and_flags(gen):
     assert model.layer1[0].conv2.groups == 32 and not model.layer1[0].conv1.weight.requires_grad
     assert not model.layer2.training and not model.layer2[0].bn1.training
     assert float(model.layer1[0].bn3.weight.detach().abs().sum()) == 0.0
+
+
+def test_flops_count_converted_models_like_the_originals():
+    """resnet_fused.count_macs (FlopCounterMode) counts a converted model's fused ops as the
+    eager convs they replace: 4.089 GMACs for torchvision resnet50 at 224x224."""
+    from torchvision.models import resnet18, resnet50, resnext50_32x4d
+
+    gmacs = {}
+    for ctor in (resnet50, resnext50_32x4d, resnet18):
+        with torch.device("meta"):
+            model = ctor()
+        before = rf.count_macs(model, (1, 3, 224, 224)).total
+        converted, _ = convert_postact(model, "triton")
+        assert converted
+        gmacs[ctor.__name__] = rf.count_macs(model, (1, 3, 224, 224)).gmacs
+        assert rf.count_macs(model, (1, 3, 224, 224)).total == before, ctor.__name__
+    assert round(gmacs["resnet50"], 3) == 4.089 and round(gmacs["resnet18"], 3) == 1.814

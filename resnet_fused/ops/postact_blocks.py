@@ -208,3 +208,30 @@ def _backward(ctx, grads):
 
 
 postact_block_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> int:
+    """MACs of one post-activation unit: its convs and the projection, as eager counts them
+    (the closing pass and the BN/ReLU work are not MACs). ``strides`` is the 10th argument (args[6] after x, weights, w_proj)."""
+    from ..flops import conv_macs
+
+    strides = args[6] if len(args) > 6 else kwargs["strides"]
+    n, _, h, w = x_shape
+    shape, total, stride_total = tuple(x_shape), 0, 1
+    for w_shape, s in zip(weights, strides):
+        h, w = _out_hw(h, w, s)
+        out = (n, w_shape[0], h, w)
+        total += conv_macs(shape, w_shape, out)
+        shape, stride_total = out, stride_total * s
+    if w_proj is not None:
+        total += conv_macs(x_shape, w_proj, shape)
+    return total
+
+
+def _register_macs() -> None:
+    from ..flops import register_conv_macs
+
+    register_conv_macs(torch.ops.resnet_fused.postact_block_forward, _postact_macs)
+
+
+_register_macs()
