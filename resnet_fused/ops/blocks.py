@@ -154,14 +154,12 @@ def _outputs(out: Tensor, convs: Sequence[Tensor], n_convs: int, stats: Sequence
     """The op's outputs: fresh tensors, none aliasing another or an input (no copies needed:
     each kernel writes its own output, each finalize its own [5, C])."""
     cl = torch.channels_last
-    empty = out.new_empty((0,))
-    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else [empty] * n_convs
+    # Distinct empties when folded: outputs must not alias each other.
+    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else [out.new_empty((0,)) for _ in range(n_convs)]
     # Flat [5 * C]: per-channel vectors, not activations (saved-activation accounting).
     rows = [t.reshape(-1) if t is not None else out.new_empty((0,), dtype=reference.stats_dtype(out.dtype))
             for t in stats]
     part = part if part is not None else out.new_empty((0,), dtype=reference.stats_dtype(out.dtype))
-    # Distinct empties: outputs must not alias each other.
-    saved = [t if t.numel() else out.new_empty((0,)) for t in saved]
     return tuple([out.contiguous(memory_format=cl)] + saved + rows + [part])
 
 
