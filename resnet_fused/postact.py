@@ -35,7 +35,7 @@ from .backends import block_backend, resolve_backend
 from .ops import postact_blocks as postact_ops
 
 __all__ = ["FusedPostActBottleneck", "FusedPostActBasicBlock", "FusedTimmBottleneck", "FusedTimmBasicBlock",
-           "is_frozen_norm", "downsample_parts", "postact_units"]
+           "is_frozen_norm", "downsample_parts", "postact_units", "build_postact_unit"]
 
 
 def is_frozen_norm(norm: nn.Module) -> bool:
@@ -371,3 +371,15 @@ def postact_units(batch: int = 256) -> list[dict]:
         units.append(dict(name=f"conv{stage}_x-identity", args=dict(inplanes=inplanes, planes=planes),
                           projection=False, input=(inplanes, size, size), batch=batch))
     return units
+
+
+def build_postact_unit(unit: dict, backend: str = "triton") -> FusedPostActBottleneck:
+    """The block of one :func:`postact_units` entry (with its projection when it has one);
+    ``backend="reference"`` gives the eager twin (torchvision's computation, same keys)."""
+    args = dict(unit["args"])
+    downsample = None
+    if unit["projection"]:
+        out = args["planes"] * FusedPostActBottleneck.expansion
+        downsample = nn.Sequential(nn.Conv2d(args["inplanes"], out, 1, stride=args.get("stride", 1), bias=False),
+                                   nn.BatchNorm2d(out))
+    return FusedPostActBottleneck(**args, downsample=downsample, backend=backend)

@@ -580,3 +580,22 @@ def test_flops_count_converted_models_like_the_originals():
         gmacs[ctor.__name__] = rf.count_macs(model, (1, 3, 224, 224)).gmacs
         assert rf.count_macs(model, (1, 3, 224, 224)).total == before, ctor.__name__
     assert round(gmacs["resnet50"], 3) == 4.089 and round(gmacs["resnet18"], 3) == 1.814
+
+
+def test_postact_units_are_resnet50s():
+    """postact_units() (the benchmark hook): the 8 distinct unit shapes of torchvision resnet50,
+    each built block with the state_dict shapes of the real one at that position."""
+    from torchvision.models import resnet50
+
+    from resnet_fused.postact import build_postact_unit, postact_units
+
+    with torch.device("meta"):
+        model = resnet50()
+        units = postact_units(batch=8)
+        assert len(units) == 8 and all(u["batch"] == 8 for u in units)
+        for unit, path in zip(units, ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1",
+                                      "layer4.0", "layer4.1")):
+            real = model.get_submodule(path)
+            block = build_postact_unit(unit, backend="reference")
+            assert {k: v.shape for k, v in block.state_dict().items()} == \
+                {k: v.shape for k, v in real.state_dict().items()}, unit["name"]
