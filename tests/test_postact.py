@@ -507,7 +507,7 @@ def test_compiled_converted_resnet50_fullgraph(gen):
         convert_postact(fused, "cuda")
         twin = copy.deepcopy(fused)
         compiled = torch.compile(fused.train(), fullgraph=True, backend="aot_eager")
-        x = torch.randn(2, 3, 64, 64, generator=gen)
+        x = torch.randn(2, 3, 32, 32, generator=gen)  # compiled vs uncompiled, same kernels: no conditioning issue
         reset_cuda()
         out = compiled(x)
         out.square().sum().backward()
