@@ -116,6 +116,7 @@ def _bn_relu_conv_kernel(
     M, H_in, W_in, C_in, H_out, W_out, C_out, cin_pg, cout_pg,
     H_sc, W_sc, C_sc,
     x_eps, sc_eps, post_eps,
+    w_sn, w_sc, w_sh, w_sw, scw_sn, scw_sc,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, SC_STRIDE: tl.constexpr,
     PROLOGUE: tl.constexpr, SHORTCUT: tl.constexpr, SC_PROLOGUE: tl.constexpr,
     EMIT_STATS: tl.constexpr, POST_BN_RELU: tl.constexpr,
@@ -123,8 +124,9 @@ def _bn_relu_conv_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Weights are read in PyTorch's own layout, W[c_out, c_in / groups, kh, kw] (contiguous):
-    B[k = tap * cin_pg + c, n] = W[n, c, tap] (no packed copy per call). ``*_STATS``: that
+    """Weights are read in PyTorch's own layout, W[c_out, c_in / groups, kh, kw] at its strides
+    (w_sn, w_sc, w_sh, w_sw: contiguous or channels_last parameters alike): B[k = tap * cin_pg + c,
+    n] = W[n, c, tap], no packed copy per call. ``*_STATS``: that
     affine comes from (weight, bias, running mean, running var, eps), eval mode's norms."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -144,7 +146,7 @@ def _bn_relu_conv_kernel(
     dot_dtype = w_ptr.dtype.element_ty
     CT: tl.constexpr = tl.float64 if dot_dtype == tl.float64 else tl.float32
     TAPS: tl.constexpr = KSIZE * KSIZE
-    w_cols = cols.to(tl.int64) * (cin_pg * TAPS)
+    w_cols = cols.to(tl.int64) * w_sn
 
     acc = _zero_acc(BLOCK_M, BLOCK_N, dot_dtype)
     PAD: tl.constexpr = KSIZE // 2
@@ -160,7 +162,7 @@ def _bn_relu_conv_kernel(
                               x_scale_ptr + group * cin_pg, x_shift_ptr + group * cin_pg,
                               x_mean_ptr + group * cin_pg, x_var_ptr + group * cin_pg, x_eps,
                               PROLOGUE, PRO_STATS, dot_dtype, CT)
-            b = tl.load(w_ptr + w_cols[None, :] + (ks * TAPS + tap)[:, None],
+            b = tl.load(w_ptr + w_cols[None, :] + (ks * w_sc + (tap // KSIZE) * w_sh + (tap % KSIZE) * w_sw)[:, None],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
 
@@ -173,7 +175,7 @@ def _bn_relu_conv_kernel(
                 k_valid = ks < C_sc
                 a = _bn_relu_load(sc_ptr, sc_rows, row_valid, ks, k_valid, sc_scale_ptr, sc_shift_ptr,
                                   sc_mean_ptr, sc_var_ptr, sc_eps, SC_PROLOGUE, SC_STATS, dot_dtype, CT)
-                b = tl.load(sc_w_ptr + cols[None, :].to(tl.int64) * C_sc + ks[:, None],
+                b = tl.load(sc_w_ptr + cols[None, :].to(tl.int64) * scw_sn + ks[:, None] * scw_sc,
                             mask=k_valid[:, None] & col_valid[None, :], other=0.0)
                 acc = _dot(a, b, acc, DOT_PRECISION)
         else:
@@ -254,13 +256,13 @@ def bn_relu_conv(
                       memory_format=torch.channels_last)
     n_tiles_m = triton.cdiv(m, config.block_m)
     part = new_partials(n_tiles_m, c_out, x.device, x.dtype) if emit_stats else out
-    w = weight.to(x.dtype).contiguous()
+    w = weight.to(x.dtype)  # read at its strides: no copy for a contiguous or channels_last parameter
     if shortcut is not None:
         shortcut = _nhwc(shortcut)
         _, c_sc, h_sc, w_sc = shortcut.shape
     else:
         shortcut, c_sc, h_sc, w_sc = x, 0, 1, 1
-    sc_w = proj_weight.to(x.dtype).contiguous() if proj_weight is not None else w
+    sc_w = proj_weight.to(x.dtype) if proj_weight is not None else w
     dummy = out  # pointer arguments a constexpr switch never reads
     pro_m, pro_v, pro_eps = scale_stats if scale_stats is not None else (dummy, dummy, 0.0)
     sc_m, sc_v, sc_eps = proj_stats if proj_stats is not None else (dummy, dummy, 0.0)
@@ -278,6 +280,7 @@ def bn_relu_conv(
         m, h_in, w_in, c_in, h_out, w_out, c_out, cin_pg, cout_pg,
         h_sc, w_sc, c_sc,
         float(pro_eps), float(sc_eps), float(post_eps),
+        *w.stride(), sc_w.stride(0), sc_w.stride(1),
         KSIZE=kh, STRIDE=stride, SC_STRIDE=shortcut_stride,
         PROLOGUE=scale is not None, SHORTCUT=shortcut_kind, SC_PROLOGUE=proj_scale is not None,
         EMIT_STATS=emit_stats, POST_BN_RELU=post_scale is not None,

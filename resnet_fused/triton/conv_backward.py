@@ -61,6 +61,7 @@ def _conv_dgrad_kernel(
     v_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
     out_ptr, part_ptr,
     M, H, W, C_in, C_out, H_out, W_out, cin_pg, cout_pg, K2, H2, W2,
+    w_sn, w_sc, w_sh, w_sw, w2_sn, w2_sc,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, STRIDE2: tl.constexpr,
     PROLOGUE: tl.constexpr, SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -97,8 +98,9 @@ def _conv_dgrad_kernel(
             k_valid = ks_local < cout_pg
             ks = group * cout_pg + ks_local
             g = _grad_tile(g_ptr, gy_ptr, ga_ptr, gb_ptr, gc_ptr, g_rows, on_grid, ks, k_valid, C_out, PROLOGUE)
-            # Weights in PyTorch's layout W[C_out, cin_pg, kh, kw]: B[k, c] = W[k, c, tap].
-            w = tl.load(w_ptr + (ks[:, None].to(tl.int64) * cin_pg + cols_local[None, :]) * (KSIZE * KSIZE) + tap,
+            # Weights in PyTorch's layout W[C_out, cin_pg, kh, kw] at its strides: B[k, c] = W[k, c, tap].
+            w = tl.load(w_ptr + ks[:, None].to(tl.int64) * w_sn + cols_local[None, :] * w_sc
+                        + (tap // KSIZE) * w_sh + (tap % KSIZE) * w_sw,
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(g.to(dot_dtype), w, acc, DOT_PRECISION)
     if SECOND:
@@ -109,7 +111,7 @@ def _conv_dgrad_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             k_valid = ks < K2
             g = _grad_tile(g2_ptr, g2_ptr, ga_ptr, gb_ptr, gc_ptr, g2_rows, on_grid2, ks, k_valid, K2, False)
-            w = tl.load(w2_ptr + ks[:, None].to(tl.int64) * C_in + cols[None, :],
+            w = tl.load(w2_ptr + ks[:, None].to(tl.int64) * w2_sn + cols[None, :] * w2_sc,
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(g.to(dot_dtype), w, acc, DOT_PRECISION)
 
@@ -198,19 +200,20 @@ def conv_dgrad(
     p = triton.cdiv(m, block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c_in), dtype=scale.dtype, device=v.device)
-    w_packed = weight.to(grad.dtype).contiguous()  # read in place: [C_out, cin_pg, kh, kw]
+    w_packed = weight.to(grad.dtype)  # read in place at its strides: [C_out, cin_pg, kh, kw]
     if second_grad is not None:
         second_grad = _nhwc(second_grad)
-        w2 = second_weight.reshape(second_weight.shape[0], c_in).to(grad.dtype).contiguous()
+        w2 = second_weight.to(grad.dtype)[:, :, 0, 0] if second_weight.dim() == 4 else second_weight.to(grad.dtype)
         k2, h2, w2_sp = second_grad.shape[1], second_grad.shape[2], second_grad.shape[3]
     else:
-        second_grad, w2, k2, h2, w2_sp = grad, w_packed, 0, 1, 1
+        second_grad, w2, k2, h2, w2_sp = grad, w_packed[:, :, 0, 0], 0, 1, 1
     pro = prologue or GradPrologue(grad, scale, scale, scale)
     cout_pg = c_out // groups
     launch(_conv_dgrad_kernel, (p, groups * triton.cdiv(cin_pg, block_n)), v,
            grad, pro.y, pro.a, pro.b, pro.c, w_packed, second_grad, w2,
            v, scale, shift, mean, invstd, out, part,
            m, h, w, c_in, c_out, h_out, w_out, cin_pg, cout_pg, k2, h2, w2_sp,
+           *w_packed.stride(), w2.stride(0), w2.stride(1),
            KSIZE=ksize, STRIDE=stride, STRIDE2=second_stride, PROLOGUE=prologue is not None,
            SECOND=k2 > 0, DOT_PRECISION=dot_precision(grad.dtype),
            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
