@@ -599,3 +599,18 @@ def test_postact_units_are_resnet50s():
             block = build_postact_unit(unit, backend="reference")
             assert {k: v.shape for k, v in block.state_dict().items()} == \
                 {k: v.shape for k, v in real.state_dict().items()}, unit["name"]
+
+
+def test_convert_detection_style_frozen_backbone():
+    """A detection backbone's norms (torchvision.ops.FrozenBatchNorm2d): every block converts,
+    describe says the norms are frozen, and unconvert gives torchvision's blocks back."""
+    from torchvision.models import resnet18
+
+    model = resnet18(norm_layer=FrozenBatchNorm2d)
+    keys = list(model.state_dict())
+    converted, unfusable = convert_postact(model, "triton")
+    assert len(converted) == 8 and not unfusable and list(model.state_dict()) == keys
+    info = describe_postact(model)
+    assert all(d["norms"] == "frozen" and d["kind"] == "postact_basic" for d in info.values())
+    unconvert_postact(model)
+    assert type(model.layer2[0]) is tvr.BasicBlock and list(model.state_dict()) == keys
