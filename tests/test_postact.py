@@ -614,3 +614,20 @@ def test_convert_detection_style_frozen_backbone():
     assert all(d["norms"] == "frozen" and d["kind"] == "postact_basic" for d in info.values())
     unconvert_postact(model)
     assert type(model.layer2[0]) is tvr.BasicBlock and list(model.state_dict()) == keys
+
+
+@requires_c
+def test_autocast_bf16(gen):
+    """Under torch.autocast the block runs its convs in the autocast dtype (bf16: the C++ kernels'
+    host emulation stores real bf16) with BN parameters and statistics in fp32, as eager's
+    autocast does; output by the 2x-eager rule."""
+    case = "bottleneck-projection-s2"
+    fused, exact, eager = make_blocks(case, torch.float32, gen, "cuda")
+    x = make_input(case, torch.float32, gen)
+    with torch.no_grad():
+        expected = exact.train()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, counts = run(fused.train(), x, "cuda")
+            eager_out = eager.train()(x)
+    assert out.dtype == eager_out.dtype == torch.bfloat16 and counts["conv_fwd_cuda"] == 4
+    assert_parity(out, eager_out, expected, torch.bfloat16, "output")
