@@ -206,6 +206,13 @@ def _register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     op._setup_context_fn = setup_context
 
 
+def _trim(ctx, grads: tuple) -> tuple:
+    """One gradient per input the op was actually called with: the dispatcher drops trailing
+    arguments equal to their defaults, and torch 2.11's tensor-list autograd wrapper compares
+    the structure exactly (2.14 trims itself)."""
+    return grads[:len(ctx.needs_input_grad)]
+
+
 def _setup_context(ctx, x: Tensor, weights: dict, bn_weights, bn_biases, training, eps, output,
                    n_convs: int, config: dict, backend: str) -> None:
     ctx.config, ctx.backend = config, backend
@@ -394,10 +401,10 @@ def _bottleneck_backward(ctx, *grads):
 
         g = _reference_grads(ctx, saved, run, ("w1", "w2", "w3", "w_proj"), grads[0])
     g = _as_param_dtype(g, saved)
-    return (g.get("x"), g.get("w1"), g.get("w2"), g.get("w3"), g.get("w_proj"),
-            [g.get(f"bn_weight{i}") for i in range(3)], [g.get(f"bn_bias{i}") for i in range(3)],
-            [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
-            None, None, None, None, None, None, None, None, None, None, None, None)
+    return _trim(ctx, (g.get("x"), g.get("w1"), g.get("w2"), g.get("w3"), g.get("w_proj"),
+                       [g.get(f"bn_weight{i}") for i in range(3)], [g.get(f"bn_bias{i}") for i in range(3)],
+                       [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
+                       None, None, None, None, None, None, None, None, None, None, None, None))
 
 
 def _bottleneck_setup(ctx, inputs, output):
@@ -499,10 +506,10 @@ def _basic_backward(ctx, *grads):
 
         g = _reference_grads(ctx, saved, run, ("w1", "w2", "w_proj"), grads[0])
     g = _as_param_dtype(g, saved)
-    return (g.get("x"), g.get("w1"), g.get("w2"), g.get("w_proj"),
-            [g.get(f"bn_weight{i}") for i in range(2)], [g.get(f"bn_bias{i}") for i in range(2)],
-            [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
-            None, None, None, None, None, None, None, None, None, None, None)
+    return _trim(ctx, (g.get("x"), g.get("w1"), g.get("w2"), g.get("w_proj"),
+                       [g.get(f"bn_weight{i}") for i in range(2)], [g.get(f"bn_bias{i}") for i in range(2)],
+                       [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
+                       None, None, None, None, None, None, None, None, None, None, None))
 
 
 _register_autograd(basic_block_forward, _basic_backward, _basic_setup_context)
