@@ -27,7 +27,7 @@ memory format, as a single block's does.
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -159,7 +159,3 @@ def chain_report(model: nn.Module) -> dict[str, str]:
         elif isinstance(m, FusedStage):
             out[name] = "stage chained: each fused block takes its input statistics from the previous block"
     return out
-
-
-def _children(module: nn.Module) -> Iterable[nn.Module]:
-    return module.children()
