@@ -38,7 +38,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 __all__ = ["HOPPER", "TRITON_DTYPES", "capture_launches", "launch_plan", "specialize", "compile_job",
-           "resource_usage", "check_all", "entry_kernels"]
+           "resource_usage", "check_all", "entry_kernels", "summary", "RAGGED_DTYPES"]
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
