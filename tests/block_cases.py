@@ -146,9 +146,9 @@ class Problem:
         self.x = x.to(DEVICE, dtype).contiguous(memory_format=memory_format)
         if well_conditioned:
             condition_bn(self.fused, gen)
-            self.fused.to(dtype)
-            calibrate_running_stats(self.fused, self.x)
-            self.fused.to(dtype)
+            self.exact.load_state_dict(self.fused.state_dict())
+            calibrate_running_stats(self.exact, self.x)  # the reference twin: no fused kernel runs
+            self.fused.load_state_dict(self.exact.state_dict())  # rounded to dtype
             self.exact.load_state_dict(self.fused.state_dict())
             self.eager.load_state_dict(self.fused.state_dict())
         set_mode((self.fused, self.exact, self.eager), mode)
