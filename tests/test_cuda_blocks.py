@@ -81,8 +81,9 @@ def test_output_keeps_input_memory_format(memory_format, gen):
     fused, exact, _ = make_pair("bottleneck-projection-s2", torch.float32, gen, backend="cuda")
     x = make_input("bottleneck-projection-s2", torch.float32, gen, memory_format=memory_format)
     with torch.no_grad():
-        out, _ = run(fused.train(), x)
+        out, counts = run(fused.train(), x)
         torch.testing.assert_close(out.double(), exact.train()(x.double()), rtol=1e-5, atol=1e-5)
+    assert counts["conv_fwd_cuda"] == 3, counts
     assert out.is_contiguous(memory_format=memory_format)
 
 
@@ -187,7 +188,10 @@ def test_saved_activations_at_most_055x_eager(gen):
                 seen[ptr] = t.untyped_storage().nbytes()
         return sum(seen.values())
 
-    assert saved_bytes(fused) <= 0.55 * saved_bytes(eager)
+    reset_launch_counts()
+    fused_bytes = saved_bytes(fused)
+    assert launch_counts()["conv_fwd_cuda"] == 3, launch_counts()
+    assert fused_bytes <= 0.55 * saved_bytes(eager)
 
 
 def test_auto_routes_by_the_measured_table(monkeypatch, gen):

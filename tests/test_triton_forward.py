@@ -143,6 +143,7 @@ def test_no_grad_saves_nothing(gen):
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         run_fused(fused, torch.randn(2, 12, 7, 7, generator=gen))
+    assert_kernels_ran("bottleneck", "train", folded=False)
     assert packed == []
 
 
@@ -274,6 +275,7 @@ def test_double_backward_is_a_clear_error(gen):
     out = run_fused(fused, x, grad=True)
     (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=False)
     assert gx.shape == x.shape
+    assert launch_counts()["_conv_dgrad_kernel"] == 3, launch_counts()  # the fused backward ran
     out = run_fused(fused, x, grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
@@ -383,6 +385,7 @@ def test_ctx_holds_no_tensor_attributes(case, gen):
     block = rf.make_block(kind, backend="triton", **kwargs).to(DEVICE).train()
     x = make_input(case, torch.float32, gen).requires_grad_()
     out = run_fused(block, x, grad=True)
+    assert_kernels_ran(kind, "train", folded=False)
     node = out.grad_fn
     while node is not None and "resnet_fused" not in type(node).__name__:
         node = node.next_functions[0][0] if node.next_functions else None
