@@ -24,7 +24,7 @@ Faults, and the paths (kernel-set calls) each one is injected into:
 A hook counts its hits; a case "runs the path" when the hook fired, and then the check must
 fail. CI runs each fault x path x backend x dtype once (fp32 and fp16 for both backends, bf16
 for the CUDA host emulator), cycling through the block cases; RESNET_FUSED_MUTATIONS=all runs
-every case that runs the path in train and frozen mode (the sweep quoted in the README).
+every case that runs the path in train and frozen mode (the full sweep).
 """
 from __future__ import annotations
 
