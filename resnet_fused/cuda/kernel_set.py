@@ -32,21 +32,22 @@ def merge_partials(part: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor,
-            var: Tensor, count: Tensor, momentum: Optional[float]) -> None:
-    """nn.BatchNorm2d's running update, the count a device tensor (no host sync); an empty
-    batch moves nothing and still counts."""
+            var: Tensor, count: int, momentum: Optional[float]) -> None:
+    """nn.BatchNorm2d's running update as few torch ops (``count`` = values per channel, a host
+    number from the shapes; no host sync): an empty batch moves nothing and still counts."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / num_batches_tracked.to(torch.float32)
-        else:
-            factor = torch.full_like(count, momentum)
-        factor = torch.where(count > 0, factor, 0.0)
-        unbiased = var * count / (count - 1).clamp_min(1)
+        if count == 0:
+            return
         ct = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-        for buf, new in ((running_mean, mean), (running_var, unbiased)):
-            buf.copy_(torch.lerp(buf.to(ct), new.to(ct), factor.to(ct)))
+        # The cumulative factor in fp32 from the device counter (issue 12), else the momentum.
+        factor = 1.0 / num_batches_tracked.to(ct) if momentum is None else momentum
+        for buf, new in ((running_mean, mean), (running_var, var * (count / max(count - 1, 1)))):
+            if buf.dtype == ct:
+                buf.lerp_(new.to(ct), factor)
+            else:
+                buf.copy_(buf.to(ct).lerp_(new.to(ct), factor))
 
 
 class CudaKernels:
@@ -68,14 +69,15 @@ class CudaKernels:
         return _extension.conv_fwd_tiles_m(n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, k)
 
     def _finalize(self, part, weight, bias, eps, *, running_mean=None, running_var=None, num_batches_tracked=None,
-                  momentum=0.1, update=False, from_running=False, dtype=None) -> tuple[Tensor, ...]:
+                  momentum=0.1, update=False, from_running=False, dtype=None, count=None) -> tuple[Tensor, ...]:
         if from_running:
             ct = dtype if dtype is not None else reference.stats_dtype(running_mean.dtype)
             mean, var = running_mean.to(ct), running_var.to(ct)
         else:
             mean, var = merge_partials(part)
             if update and running_mean is not None and running_mean.numel() > 0:
-                count = part[0].sum(0)[:1]  # per-tile counts; every channel has the same total
+                if count is None:
+                    raise ValueError("the CUDA kernel set's running update needs count (values per channel)")
                 _update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
         invstd = torch.rsqrt(var + eps)
         scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd

@@ -75,10 +75,12 @@ class _Affine:
         return {scale: n.weight, shift: n.bias, stats: (n.running_mean, n.running_var, n.eps)}
 
 
-def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs) -> _Affine:
+def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs, of: Tensor) -> _Affine:
+    """Finalize the partials of ``of`` (the norm's input; its count N*H*W is a host number)."""
     return _Affine(kernels.finalize_stats(
         part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
-        num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update))
+        num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update,
+        count=of.numel() // max(of.shape[1], 1)))
 
 
 def _from_running(kernels: KernelSet, norm: NormInputs, data_dtype: torch.dtype, lazy: bool) -> _Affine:
@@ -100,12 +102,12 @@ def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Opt
         return _from_running(kernels, norm, x.dtype, lazy)
     # The statistics partials of x come from the caller (the previous block's last conv took
     # them in its epilogue) or from a pass over x (K0).
-    return _from_partials(kernels, in_stats if in_stats is not None else kernels.stats_partials(x), norm)
+    return _from_partials(kernels, in_stats if in_stats is not None else kernels.stats_partials(x), norm, x)
 
 
-def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, data_dtype: torch.dtype,
-                 lazy: bool) -> _Affine:
-    return _from_partials(kernels, part, norm) if norm.training else _from_running(kernels, norm, data_dtype, lazy)
+def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, y: Tensor, lazy: bool) -> _Affine:
+    """The affine of the norm reading the conv output ``y``."""
+    return _from_partials(kernels, part, norm, y) if norm.training else _from_running(kernels, norm, y.dtype, lazy)
 
 
 def _prologue(affine: Optional[_Affine]) -> dict:
@@ -203,12 +205,12 @@ def bottleneck_forward(
 
     const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
     y1, part1 = kernels.conv(x, w1, **_prologue(a1), stride=s1, emit_stats=bn2.training, **_post(const2))
-    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype, False)
+    a2 = const2 or _next_affine(kernels, part1, bn2, y1, False)
 
     const3 = _from_running(kernels, bn3, x.dtype, True) if fold else None
     y2, part2, folded3 = _conv3x3(kernels, y1, w2, None if fold else a2, stride=s2, groups=groups,
                                   emit_stats=bn3.training, post=const3)
-    a3 = const3 or _next_affine(kernels, part2, bn3, x.dtype, False)
+    a3 = const3 or _next_affine(kernels, part2, bn3, y2, False)
 
     out, part = kernels.conv(y2, w3, **_prologue(None if folded3 else a3), emit_stats=emit_stats,
                              **_shortcut_args(x, a1, shortcut, stride, w_proj))
@@ -231,7 +233,7 @@ def basic_block_forward(
     const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
     y1, part1, folded2 = _conv3x3(kernels, x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
                                   post=const2)
-    a2 = const2 or _next_affine(kernels, part1, bn2, x.dtype, False)
+    a2 = const2 or _next_affine(kernels, part1, bn2, y1, False)
 
     out, part = _last_conv3x3(kernels, y1, w2, None if folded2 else a2, x, a1, kind=shortcut, stride=stride,
                               groups=groups, w_proj=w_proj, emit_stats=emit_stats)

@@ -175,7 +175,7 @@ def bn_finalize_stats(
     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
     num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
     update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None,
-    block_p: int = 64, block_c: int = 64,
+    count: Optional[int] = None, block_p: int = 64, block_c: int = 64,
 ) -> Tensor:
     """[5, C] = (mean, biased var, invstd, scale, shift) of one BatchNorm, one launch.
 
@@ -183,7 +183,8 @@ def bn_finalize_stats(
     eval or frozen norm; ``part`` may be None, ``dtype`` then gives the statistics dtype). With
     ``update`` the same launch moves ``running_mean`` / ``running_var`` with nn.BatchNorm2d's
     formulas and adds 1 to ``num_batches_tracked`` (``momentum=None``: the cumulative average,
-    its factor computed on the device in fp32). No host synchronisation.
+    its factor computed on the device in fp32). No host synchronisation. ``count`` (the values
+    per channel) is accepted for the KernelSet interface; the kernel merges the partials' counts.
     """
     if from_running:
         c = running_mean.shape[0]
