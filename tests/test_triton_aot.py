@@ -33,10 +33,10 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 #: Stack bytes per thread (where spills live) of every compiled variant that has any, by Triton
 #: version and (kernel, variant, dtype, kernel size, tiles "MxNxK/warps/stages"), as measured on
-#: 2026-12-01 (registers and ptxas's spill stores in the comments). A new spill, or a known one
-#: that grew, fails test_spills_are_known; one that shrank or went away is a warning (update the
-#: entry). The versions' ptxas runs differ (triton 3.8 adds --regAllocOptLevel=2), so each has its
-#: own list; a version without one is held to the union.
+#: the working tree of 2026-12-01 ~16:00 UTC (registers and ptxas's spill stores in the comments).
+#: A new spill, or a known one that grew, fails test_spills_are_known; one that shrank or went
+#: away is a warning (update the entry). The versions' ptxas runs differ (triton 3.8 adds
+#: --regAllocOptLevel=2), so each has its own list; a version without one is held to the union.
 #: What they say: the ragged 3x3 (ResNeXt's grouped conv, cin_pg = 4, under a 64-wide K tile)
 #: spills kilobytes at the 16-bit tiles; the 16-bit 3x3 train variants and the backward GEMMs at
 #: 128x64x64 sit at the 255-register cap; fp64's finalize (64x64 block of three fp64 partials
@@ -44,18 +44,18 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 KNOWN_SPILLS: dict[str, dict[tuple, int]] = {
     "3.8": {
         ("_bn_finalize_kernel", "divisible", "fp64", None, None): 80,  # 255 registers, 152 B spill stores
-        ("_bn_relu_conv_kernel", "ragged", "bf16", 3, "128x128x64/8/3"): 520,  # 255 registers, 516 B
-        ("_bn_relu_conv_kernel", "ragged", "bf16", 3, "128x64x64/4/3"): 2024,  # 255 registers, 4320 B
-        ("_bn_relu_conv_kernel", "ragged", "fp32", 3, "64x64x32/4/3"): 408,  # 255 registers, 480 B
-        ("_bn_relu_conv_kernel", "ragged", "fp64", 3, "16x16x16/4/1"): 16,  # 96 registers, 20 B
-        ("_bn_relu_conv_kernel", "train", "bf16", 3, "128x64x64/4/3"): 24,  # 255 registers, 24 B
-        ("_bn_relu_conv_kernel", "train", "fp16", 3, "128x64x64/4/3"): 24,  # 255 registers, 24 B
-        ("_bn_relu_conv_kernel", "train", "fp32", 3, "32x32x32/4/2"): 16,  # 96 registers, 16 B
-        ("_conv_dgrad_kernel", "ragged", "bf16", 3, "128x64x64/4/3"): 2424,  # 255 registers, 8960 B
-        ("_conv_dgrad_kernel", "ragged", "fp32", 3, "64x64x32/4/2"): 168,  # 255 registers, 168 B
-        ("_conv_dgrad_kernel", "train", "bf16", 3, "128x64x64/4/3"): 80,  # 255 registers, 108 B
-        ("_conv_dgrad_kernel", "train", "fp16", 1, "128x64x64/4/3"): 8,  # 255 registers, 8 B
-        ("_conv_dgrad_kernel", "train", "fp16", 3, "128x64x64/4/3"): 80,  # 255 registers, 112 B
+        ("_bn_relu_conv_kernel", "ragged", "bf16", 3, "128x128x64/8/3"): 904,  # 255 registers, 1352 B
+        ("_bn_relu_conv_kernel", "ragged", "bf16", 3, "128x64x64/4/3"): 2896,  # 255 registers, 7568 B
+        ("_bn_relu_conv_kernel", "ragged", "bf16", 3, "64x64x32/4/2"): 8,  # 255 registers, 4 B
+        ("_bn_relu_conv_kernel", "ragged", "fp32", 3, "64x64x32/4/3"): 200,  # 255 registers, 264 B
+        ("_bn_relu_conv_kernel", "train", "bf16", 3, "128x64x64/4/3"): 32,  # 255 registers, 32 B
+        ("_bn_relu_conv_kernel", "train", "fp16", 3, "128x64x64/4/3"): 56,  # 255 registers, 52 B
+        ("_conv_dgrad_kernel", "ragged", "bf16", 3, "128x64x64/4/3"): 2472,  # 255 registers, 8616 B
+        ("_conv_dgrad_kernel", "ragged", "fp32", 3, "64x64x32/4/2"): 280,  # 255 registers, 304 B
+        ("_conv_dgrad_kernel", "train", "bf16", 1, "128x64x64/4/3"): 24,  # 255 registers, 24 B
+        ("_conv_dgrad_kernel", "train", "bf16", 3, "128x64x64/4/3"): 192,  # 255 registers, 188 B
+        ("_conv_dgrad_kernel", "train", "fp16", 1, "128x64x64/4/3"): 24,  # 255 registers, 20 B
+        ("_conv_dgrad_kernel", "train", "fp16", 3, "128x64x64/4/3"): 120,  # 255 registers, 116 B
         ("_conv_wgrad_kernel", "ragged", "bf16", 3, "128x64x64/4/3"): 1312,  # 255 registers, 1692 B
         ("_conv_wgrad_kernel", "ragged", "fp32", 3, "64x64x32/4/2"): 64,  # 255 registers, 68 B
         ("_conv_wgrad_kernel", "train", "fp16", 3, "128x64x64/4/3"): 48,  # 255 registers, 44 B
