@@ -389,6 +389,18 @@ def _plain_containers(model: nn.Module) -> None:
             m.__class__ = nn.Sequential
 
 
+def _postact_module(model: nn.Module):
+    """``convert_postact`` when ``model`` may hold post-activation blocks (torchvision's or timm's
+    ResNet classes, or this package's fused ones), else None: torchvision and timm stay optional
+    and unimported unless the model comes from them."""
+    libraries = {type(m).__module__.split(".")[0] for m in model.modules()}
+    if not libraries & {"torchvision", "timm", "resnet_fused"}:
+        return None
+    from . import convert_postact
+
+    return convert_postact
+
+
 def _set_model_backend(model: nn.Module, backend: str) -> None:
     from .models import ResNetV2  # models imports modules; import here keeps this module light
 
@@ -436,6 +448,18 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
                 skipped.append((path or "(root)", str(exc)))
                 continue
         root = _replace(root, path, swapped[id(block)])
+    if root is model:
+        # Post-activation units (torchvision / timm ResNet v1, v1.5, ResNeXt): convert_postact.py.
+        if _postact_module(model) is not None:
+            postact = _postact_module(model)
+            if type(model) in postact.postact_block_types():
+                try:
+                    root = postact.convert_postact_block(model, backend)
+                except ValueError as exc:
+                    skipped.append(("(root)", str(exc)))
+            else:
+                _, unfusable = postact.convert_postact(model, backend)
+                skipped += list(unfusable.items())
     if skipped:
         lines = "\n".join(f"  {path}: {reason}" for path, reason in skipped)
         warnings.warn(f"resnet_fused.convert: {len(skipped)} block(s) not converted, left as they "
@@ -466,6 +490,12 @@ def unconvert(model: nn.Module) -> nn.Module:
                           eps=float(block.norm1.eps), momentum=block.norm1.momentum)
             swapped[id(block)] = _build(block, _REFERENCE_CLASSES[kind], kwargs, None)
         root = _replace(root, path, swapped[id(block)])
+    postact = _postact_module(root)
+    if postact is not None:
+        if type(root) in postact.fused_postact_types():
+            root = postact.unconvert_postact_block(root)
+        else:
+            postact.unconvert_postact(root)
     _plain_containers(root)
     _set_model_backend(root, "reference")
     return root
@@ -557,6 +587,12 @@ def describe(model: nn.Module, as_dict: bool = False, statistics: bool = False) 
         if statistics:
             info[path or "(root)"]["input_stats"] = sources.get(id(block), "own statistics pass"
                                                                 if origin == "fused" else None)
+    postact = _postact_module(model)
+    if postact is not None:
+        for path, entry in postact.describe_postact(model).items():
+            if statistics:
+                entry["input_stats"] = None
+            info[path] = entry
     if as_dict:
         return info
     return "\n".join(f"{path}: {d['type']} -> {d['runs']}"

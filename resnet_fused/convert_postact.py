@@ -41,7 +41,8 @@ from .backends import check_backend, resolve_backend
 from .postact import (FusedPostActBasicBlock, FusedPostActBottleneck, FusedTimmBasicBlock, FusedTimmBottleneck,
                       downsample_parts, is_frozen_norm, norm_problem)
 
-__all__ = ["convert_postact", "convert_postact_block", "unconvert_postact", "describe_postact",
+__all__ = ["convert_postact", "convert_postact_block", "unconvert_postact", "unconvert_postact_block",
+           "describe_postact", "postact_block_types", "fused_postact_types",
            "find_postact_blocks", "postact_problems"]
 
 _FUSED = {FusedPostActBottleneck: ("torchvision", "bottleneck"), FusedPostActBasicBlock: ("torchvision", "basic"),
@@ -215,6 +216,17 @@ def _fused_from(block: nn.Module, library: str, kind: str, backend: str) -> nn.M
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, new)
+
+
+def postact_block_types() -> frozenset:
+    """Every class ``convert_postact_block`` accepts: the eager torchvision / timm blocks of the
+    libraries already imported, and the fused ones."""
+    return frozenset(_eager_classes()) | frozenset(_FUSED)
+
+
+def fused_postact_types() -> frozenset:
+    """The fused post-activation block classes (``unconvert_postact_block`` takes these)."""
+    return frozenset(_FUSED)
 
 
 def convert_postact_block(block: nn.Module, backend: str = "auto") -> nn.Module:

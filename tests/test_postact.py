@@ -631,3 +631,38 @@ def test_autocast_bf16(gen):
             eager_out = eager.train()(x)
     assert out.dtype == eager_out.dtype == torch.bfloat16 and counts["conv_fwd_cuda"] == 4
     assert_parity(out, eager_out, expected, torch.bfloat16, "output")
+
+
+def test_public_convert_handles_postact_models():
+    """rf.convert / unconvert / describe reach the post-activation blocks (convert_postact)."""
+    import warnings
+
+    import torchvision
+
+    BasicBlock, Bottleneck = tvr.BasicBlock, tvr.Bottleneck
+    model = torchvision.models.resnet18()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every block of resnet18 is fusable: no warning
+        assert rf.convert(model, backend="triton") is model
+    assert all(type(b) is rf.FusedPostActBasicBlock for layer in (model.layer1, model.layer4) for b in layer)
+    assert list(model.state_dict()) == list(state)
+    info = rf.describe(model, as_dict=True, statistics=True)
+    assert len(info) == 8 and all(d["fused"] and d["runs"] == "triton" for d in info.values())
+    assert "layer3.1: torchvision FusedPostActBasicBlock -> triton" in rf.describe(model)
+    rf.unconvert(model)
+    assert type(model.layer2[0]) is BasicBlock
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # a model that is itself a block comes back as the new block, both ways
+    block = Bottleneck(64, 16)
+    fused = rf.convert(block, backend="reference")
+    assert type(fused) is rf.FusedPostActBottleneck and type(rf.unconvert(fused)) is Bottleneck
+
+
+def test_public_convert_lists_unfusable_postact_blocks():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet26d")  # ResNet-D: average-pool shortcuts stay eager
+    with pytest.warns(UserWarning, match=r"layer2\.0: downsample: average-pool shortcut"):
+        rf.convert(model, backend="triton")
+    info = rf.describe(model, as_dict=True)
+    assert info["layer2.0"]["fused"] is False and info["layer2.1"]["fused"] is True
