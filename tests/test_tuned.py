@@ -245,3 +245,27 @@ def test_readme_results_from_a_run(tmp_path):
     once = readme_results.render(readme, body)
     assert "old text" not in once and once.endswith("## Layout\n\nrest\n")
     assert readme_results.render(once, body) == once
+
+
+def test_kernel_set_asks_the_table_with_the_forward_gemm_shape(monkeypatch):
+    """The Triton kernel set keys dgrad / wgrad by the forward GEMM's (ksize, m, n, k), the key
+    scripts/gpu_tune.py writes (Gemm.forward_shape); the launchers themselves are stubbed."""
+    from resnet_fused.triton import kernel_set
+
+    asked = []
+
+    def spy(dtype, device, **key):
+        asked.append(key)
+        return configs.BackwardConfig(16, 16, 16, 4, 1)
+
+    monkeypatch.setattr(configs, "backward_config", spy)
+    monkeypatch.setattr(kernel_set, "conv_dgrad", lambda *a, **k: None)
+    monkeypatch.setattr(kernel_set, "conv_wgrad", lambda *a, **k: None)
+    # a grouped, strided 3x3: input 2x32x9x9, weight 48x(32/4)x3x3, output 2x48x5x5
+    grad, v = torch.empty(2, 48, 5, 5), torch.empty(2, 32, 9, 9)
+    weight = torch.empty(48, 8, 3, 3)
+    c = torch.empty(32)
+    kernel_set.TRITON.conv_dgrad(grad, weight, v, c, c, c, c, stride=2, groups=4)
+    kernel_set.TRITON.conv_wgrad(grad, v, c, c, ksize=3, stride=2, groups=4)
+    expected = dict(ksize=3, m=2 * 5 * 5, n=48 // 4, k=32 // 4 * 9)
+    assert asked == [dict(direction="dgrad", **expected), dict(direction="wgrad", **expected)]

@@ -69,16 +69,24 @@ class TritonKernels:
     def bn_relu_apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         return bn_relu_apply(x, scale, shift)
 
-    def _backward_meta(self, t: Tensor) -> tuple[configs.BackwardConfig, dict]:
-        cfg = configs.backward_config(t.dtype, t.device)
+    def _backward_meta(self, grad: Tensor, direction: str, ksize: int, c_in: int, groups: int
+                       ) -> tuple[configs.BackwardConfig, dict]:
+        """The backward tiles for the conv whose output gradient is ``grad``, keyed (for the tuned
+        table) by the forward GEMM's shape: m = N * H_out * W_out, n = C_out / groups,
+        k = C_in / groups * ksize^2, as ``scripts/gpu_tune.py`` records it."""
+        n_img, c_out, h_out, w_out = grad.shape
+        cfg = configs.backward_config(grad.dtype, grad.device, direction=direction, ksize=ksize,
+                                      m=n_img * h_out * w_out, n=c_out // groups,
+                                      k=c_in // groups * ksize * ksize)
         return cfg, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def conv_dgrad(self, grad, weight, v, scale, shift, mean, invstd, **kwargs):
-        cfg, meta = self._backward_meta(grad)
+        groups = kwargs.get("groups", 1)
+        cfg, meta = self._backward_meta(grad, "dgrad", weight.shape[-1], weight.shape[1] * groups, groups)
         return conv_dgrad(grad, weight, v, scale, shift, mean, invstd, **kwargs, **cfg.dgrad_meta(), **meta)
 
     def conv_wgrad(self, grad, v, scale, shift, **kwargs):
-        cfg, meta = self._backward_meta(grad)
+        cfg, meta = self._backward_meta(grad, "wgrad", kwargs.get("ksize", 1), v.shape[1], kwargs.get("groups", 1))
         return conv_wgrad(grad, v, scale, shift, **kwargs, **cfg.wgrad_meta(), **meta)
 
     def relu_grad_sums(self, grad, v, scale, shift, mean, invstd, extra=None):
