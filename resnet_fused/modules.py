@@ -17,7 +17,7 @@ eager's autocast does for a conv, and keeps BN parameters and buffers in fp32.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -128,16 +128,26 @@ class _FusedBlock:
 
 
 class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
-    """A pre-activation bottleneck running fused kernels; arguments as ``PreActBottleneck``.
-
-    Args:
-        backend: ``"triton"`` (default), ``"reference"`` (eager), see ``backends.py``.
-        *args, **kwargs: ``PreActBottleneck``'s (in_chs, out_chs, bottle_ratio, stride, groups,
-            shortcut, stride_on, eps, momentum).
+    """A pre-activation bottleneck running fused kernels; arguments as ``PreActBottleneck``
+    (see its docstring), plus ``backend``: ``"triton"`` (default), ``"cuda"``, ``"auto"`` or
+    ``"reference"`` (eager), see ``backends.py``.
     """
 
-    def __init__(self, *args: Any, backend: str = "triton", **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: Optional[int] = None,
+        bottle_ratio: float = 0.25,
+        stride: int = 1,
+        groups: int = 1,
+        shortcut: Optional[str] = None,
+        stride_on: str = "3x3",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        *,
+        backend: str = "triton",
+    ):
+        super().__init__(in_chs, out_chs, bottle_ratio, stride, groups, shortcut, stride_on, eps, momentum)
         self.backend = resolve_backend(backend)
 
     def _norms(self):
@@ -178,10 +188,24 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
 
 
 class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
-    """A pre-activation basic block running fused kernels; arguments as ``PreActBasicBlock``."""
+    """A pre-activation basic block running fused kernels; arguments as ``PreActBasicBlock``
+    (see its docstring), plus ``backend`` as :class:`FusedBottleneck`'s."""
 
-    def __init__(self, *args: Any, backend: str = "triton", **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: Optional[int] = None,
+        bottle_ratio: float = 1.0,
+        stride: int = 1,
+        groups: int = 1,
+        shortcut: Optional[str] = None,
+        stride_on: str = "3x3",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        *,
+        backend: str = "triton",
+    ):
+        super().__init__(in_chs, out_chs, bottle_ratio, stride, groups, shortcut, stride_on, eps, momentum)
         self.backend = resolve_backend(backend)
 
     def _norms(self):

@@ -186,3 +186,19 @@ def test_models_match_timm(ours, theirs, gen):
         theirs_model.train(train)
         with torch.no_grad():
             torch.testing.assert_close(model(x), theirs_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_blocks_show_their_real_signatures():
+    """inspect.signature / help() / IDEs see the reference blocks' arguments plus ``backend``."""
+    import inspect
+
+    import resnet_fused as rf
+
+    for fused, ref in ((rf.FusedBottleneck, rf.PreActBottleneck), (rf.FusedBasicBlock, rf.PreActBasicBlock)):
+        params = inspect.signature(fused).parameters
+        ref_params = inspect.signature(ref).parameters
+        assert list(params)[:-1] == list(ref_params)
+        assert all(params[k].default == ref_params[k].default for k in ref_params)
+        assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY and params["backend"].default == "triton"
+    block = rf.FusedBottleneck(16, 32, 0.5, 2, backend="reference")  # positional as the reference's
+    assert (block.in_chs, block.out_chs, block.stride, block.mid_chs) == (16, 32, 2, 16)
