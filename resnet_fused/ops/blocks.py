@@ -242,14 +242,25 @@ def _backward_norms(weights, biases, stats, training, eps) -> list[fused_backwar
             for w, b, st, t, e in zip(weights, biases, stats, training, eps)]
 
 
-def _grad_list(g: dict, tensor_names: Sequence[str], n_norms: int, like: Tensor) -> list[Tensor]:
+def _like_weight(grad: Tensor, weight: Tensor) -> Tensor:
+    """A weight gradient in its weight's memory format, as ATen's conv backward returns it and
+    the fake (``empty_like(weight)``) says: a channels_last model (``model.to(memory_format=
+    torch.channels_last)``, the fast path) gets channels_last 3x3 gradients, so autograd's
+    gradient accumulation needs no layout copy per weight and step."""
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad.contiguous()
+
+
+def _grad_list(g: dict, tensor_names: Sequence[str], n_norms: int, like: Tensor,
+               weights: Sequence[Optional[Tensor]]) -> list[Tensor]:
     """The backward op's outputs in order; a missing gradient (no projection) is an empty tensor.
 
-    The input gradient is channels_last; weight gradients are contiguous like the weights
-    (ATen's conv backward returns them in its inputs' memory format), as the fake says.
+    The input gradient is channels_last; weight gradients are laid out like their weights.
     """
     out = [g["x"].contiguous(memory_format=torch.channels_last)]
-    out += [g[k].contiguous() if g.get(k) is not None else like.new_empty((0,)) for k in tensor_names[1:]]
+    out += [_like_weight(g[k], w) if g.get(k) is not None else like.new_empty((0,))
+            for k, w in zip(tensor_names[1:], weights)]
     return out + [g[f"bn_weight{i}"] for i in range(n_norms)] + [g[f"bn_bias{i}"] for i in range(n_norms)]
 
 
@@ -374,7 +385,7 @@ def bottleneck_backward(
         _kernel_set(backend), grad_out, x, y1, y2, w1, w2, w3, w_proj,
         _backward_norms(bn_weights, bn_biases, stats, training, eps),
         stride=stride, groups=groups, shortcut=shortcut, stride_on=stride_on)
-    return _grad_list(g, ("x", "w1", "w2", "w3", "w_proj"), 3, x)
+    return _grad_list(g, ("x", "w1", "w2", "w3", "w_proj"), 3, x, (w1, w2, w3, w_proj))
 
 
 @bottleneck_backward.register_fake
@@ -480,7 +491,7 @@ def basic_block_backward(
         _kernel_set(backend), grad_out, x, y1, w1, w2, w_proj,
         _backward_norms(bn_weights, bn_biases, stats, training, eps),
         stride=stride, groups=groups, shortcut=shortcut)
-    return _grad_list(g, ("x", "w1", "w2", "w_proj"), 2, x)
+    return _grad_list(g, ("x", "w1", "w2", "w_proj"), 2, x, (w1, w2, w_proj))
 
 
 @basic_block_backward.register_fake

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import reference
 from ..fused import postact as fused_postact
 from ._saved import load_saved, save_named
-from .blocks import _check_backend, _check_no_double_backward, _kernel_set, runs_fused
+from .blocks import _check_backend, _check_no_double_backward, _kernel_set, _like_weight, runs_fused
 
 __all__ = ["postact_block_forward", "postact_block_backward", "reference_postact_block"]
 
@@ -154,8 +154,8 @@ def postact_block_backward(
     g = fused_postact.postact_backward(_kernel_set(backend), grad_out, x, ys, weights, w_proj, norms,
                                        strides=strides, groups=groups)
     out = [g["x"].contiguous(memory_format=torch.channels_last)]
-    out += [d.contiguous() for d in g["weights"]]
-    out.append(g["w_proj"].contiguous() if g["w_proj"] is not None else x.new_empty((0,)))
+    out += [_like_weight(d, w) for d, w in zip(g["weights"], weights)]
+    out.append(_like_weight(g["w_proj"], w_proj) if g["w_proj"] is not None else x.new_empty((0,)))
     return out + list(g["bn_weight"]) + list(g["bn_bias"])
 
 
