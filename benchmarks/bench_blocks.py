@@ -57,7 +57,7 @@ MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 UNIT_KINDS = ("identity", "first")
 STAGES = (2, 3, 4, 5)  # conv2_x .. conv5_x, the ResNet paper's names
 
-#: DESIGN.md section 7's measured anchors (H100, torch 2.11, timm blocks with plain convs, pure
+#: docs/design.md section 7's measured anchors (H100, torch 2.11, timm blocks with plain convs, pure
 #: bf16, channels_last, batch 256), ms: a run on the same kind of device should land near them.
 DESIGN_ANCHORS_MS = {
     ("conv2_x", "train_fwd"): {"eager": 2.91, "compile": 1.66},
@@ -290,7 +290,7 @@ class BlockBenchmark:
 
     def _design_anchor(self, case: Case, dtype_mode: harness.DtypeMode, mode: str,
                        impl_name: str) -> Optional[float]:
-        """DESIGN.md's H100 anchor for the rows it was measured for (None elsewhere)."""
+        """docs/design.md's H100 anchor for the rows it was measured for (None elsewhere)."""
         if not (self.device.type == "cuda" and "H100" in torch.cuda.get_device_name(self.device)
                 and case.family == "bottleneck" and case.kind == "identity" and dtype_mode.name == "bf16"
                 and self.batch == 256 and self.args.size == "full"

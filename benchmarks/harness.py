@@ -55,7 +55,7 @@ CPU_BANNER_EAGER_ONLY = ("CPU-only machine: running the eager reference at tiny 
 #: A CPU-only run stops starting new work after this many seconds unless --budget-s says otherwise.
 CPU_DEFAULT_BUDGET_S = 90.0
 
-#: The quantiles reported with every median (DESIGN.md's anchors use the same).
+#: The quantiles reported with every median (docs/design.md's anchors use the same).
 QUANTILES = (0.5, 0.2, 0.8)
 
 
@@ -181,7 +181,7 @@ def configure_torch(device: torch.device, cpu_threads: int = 1) -> None:
 
 @dataclass(frozen=True)
 class DtypeMode:
-    """How a benchmark runs in a dtype, as eager does it (DESIGN.md section 3).
+    """How a benchmark runs in a dtype, as eager does it (docs/design.md section 3).
 
     Pure (``bf16``): the module and its input are ``.to(dtype)``. AMP (``amp-bf16``): fp32
     parameters and buffers under ``torch.autocast``; the input is 16-bit because inside an

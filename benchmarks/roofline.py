@@ -1,4 +1,4 @@
-"""The per-kernel floor of the fusion plan (DESIGN.md sections 3, 4 and 7).
+"""The per-kernel floor of the fusion plan (docs/design.md sections 3, 4 and 7).
 
     floor = sum over the plan's kernels of max(FLOPs / peak, bytes / bandwidth)
 
@@ -74,11 +74,11 @@ __all__ = ["MODES", "MODEL_PLANS", "Kernel", "Floor", "plan_kernels", "plan_floo
 #: What a floor is computed for, the benchmark's modes.
 MODES = ("train_fwd", "eval_fwd", "train_fwd_bwd")
 
-#: The ceilings DESIGN.md section 7 quotes for the H100 (bf16 matrix product, copy bandwidth
+#: The ceilings docs/design.md section 7 quotes for the H100 (bf16 matrix product, copy bandwidth
 #: counting bytes read plus written).
 DESIGN_PEAK_FLOPS = 770e12
 DESIGN_BANDWIDTH = 3.0e12
-#: DESIGN.md section 7: identity bottleneck, train forward, batch 256, bf16, in microseconds,
+#: docs/design.md section 7: identity bottleneck, train forward, batch 256, bf16, in microseconds,
 #: (K1+K2+K3, with K0).
 DESIGN_TRAIN_FWD_FLOORS_US = {
     "conv2_x": (554.0, 691.0),
@@ -382,17 +382,17 @@ def _design_identity_units() -> dict[str, UnitShape]:
 
 
 def self_check(rel_tol: float = 0.025, abs_tol_us: float = 1.0) -> list[dict]:
-    """Check the train-forward floors of the ResNet-50 identity units against DESIGN.md section 7.
+    """Check the train-forward floors of the ResNet-50 identity units against docs/design.md section 7.
 
-    Returns one dict per stage (ours and DESIGN's, with and without K0) and raises
+    Returns one dict per stage (ours and docs/design.md's, with and without K0) and raises
     AssertionError naming the first figure that is off. Three checks per stage:
 
-    * at the quoted 770 TFLOP/s and 3.0 TB/s, within ``rel_tol`` of DESIGN's figure (ours are
+    * at the quoted 770 TFLOP/s and 3.0 TB/s, within ``rel_tol`` of docs/design.md's figure (ours are
       0.3-2.2% above it: 556 vs 554 us at conv2_x, 150 vs 147 at conv5_x);
-    * at 790 TFLOP/s, within ``abs_tol_us``: that ceiling reproduces all four of DESIGN's
+    * at 790 TFLOP/s, within ``abs_tol_us``: that ceiling reproduces all four of docs/design.md's
       figures to their rounding (the H100 here measured 769-798 TFLOP/s), which pins down the
       kernel list and the byte counts, not only their rough size;
-    * K0 (bn1 statistics, pure bandwidth) equals DESIGN's with-K0 minus without-K0 difference.
+    * K0 (bn1 statistics, pure bandwidth) equals docs/design.md's with-K0 minus without-K0 difference.
     """
     units = _design_identity_units()
     rows = []
@@ -409,17 +409,17 @@ def self_check(rel_tol: float = 0.025, abs_tol_us: float = 1.0) -> list[dict]:
             if abs(ours / theirs - 1) > rel_tol:
                 raise AssertionError(
                     f"roofline self-check: {stage} identity train forward ({what}) floor is "
-                    f"{ours:.1f} us, DESIGN.md section 7 says {theirs:.0f} us "
+                    f"{ours:.1f} us, docs/design.md section 7 says {theirs:.0f} us "
                     f"(more than {rel_tol:.1%} apart)")
         if abs(at_790 - design_without_k0) > abs_tol_us:
             raise AssertionError(
                 f"roofline self-check: {stage} identity train forward floor at 790 TFLOP/s is "
-                f"{at_790:.1f} us; DESIGN.md's {design_without_k0:.0f} us should be reproduced "
+                f"{at_790:.1f} us; docs/design.md's {design_without_k0:.0f} us should be reproduced "
                 f"within {abs_tol_us} us there")
         if abs((with_k0 - without_k0) - (design_with_k0 - design_without_k0)) > abs_tol_us:
             raise AssertionError(
                 f"roofline self-check: {stage} K0 (bn1 statistics, a read of x) is "
-                f"{with_k0 - without_k0:.1f} us, DESIGN.md section 7 implies "
+                f"{with_k0 - without_k0:.1f} us, docs/design.md section 7 implies "
                 f"{design_with_k0 - design_without_k0:.0f} us")
     return rows
 
@@ -457,11 +457,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_format_model_table(args.model, args.batch, args.elem_bytes, args.image_size))
         return 0
     rows = self_check()
-    print("self-check against DESIGN.md section 7 (identity units, train forward, b256 bf16, "
+    print("self-check against docs/design.md section 7 (identity units, train forward, b256 bf16, "
           "770 TFLOP/s, 3.0 TB/s):")
     for row in rows:
-        print(f"  {row['stage']}: {row['floor_us']:.1f} us (DESIGN {row['design_us']:.0f}), "
-              f"with K0 {row['floor_with_k0_us']:.1f} us (DESIGN {row['design_with_k0_us']:.0f}); "
+        print(f"  {row['stage']}: {row['floor_us']:.1f} us (docs/design.md {row['design_us']:.0f}), "
+              f"with K0 {row['floor_with_k0_us']:.1f} us (docs/design.md {row['design_with_k0_us']:.0f}); "
               f"at 790 TFLOP/s {row['floor_at_790_tflops_us']:.1f} us")
     units = []
     for model in ("resnet_v2_50", "resnet_v2_34", "resnext_v2_50_32x4d"):

@@ -1,4 +1,4 @@
-"""The benchmark harness runs (smoke test on the CPU) and the roofline reproduces DESIGN's floors."""
+"""The benchmark harness runs (smoke test on the CPU) and the roofline reproduces docs/design.md's floors."""
 from __future__ import annotations
 
 import json

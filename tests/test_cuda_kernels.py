@@ -422,7 +422,7 @@ def test_forward_stats_with_post_are_of_the_stored_pre_post_value(kernels, gen):
                                   "bn_like_mean100_std0.1"])
 def test_forward_16bit(kernels, name, dtype, gen):
     # mean 100 / std 0.1 data in fp16: the prologue must run in fp32 (fp16 scale/shift would be
-    # off by ~0.26 relative, DESIGN section 3), then the activation is rounded once to fp16.
+    # off by ~0.26 relative, docs/design.md section 3), then the activation is rounded once to fp16.
     case = next(c for c in FWD_CASES if c.name == name)
     x, w, kw = _fwd_inputs(case, dtype, gen)
     wmma_before = _wmma_mma_count()

@@ -120,7 +120,7 @@ def test_bn_scale_shift_matches_batchnorm_eval(gen):
 
 
 def test_bn_relu_conv_pads_after_activation(gen):
-    """Padding is zero in the activated domain, not relu(shift) (DESIGN section 3)."""
+    """Padding is zero in the activated domain, not relu(shift) (docs/design.md section 3)."""
     c = 4
     x = torch.randn(2, c, 5, 6, generator=gen, dtype=torch.float64)
     scale = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5

@@ -1,7 +1,7 @@
 // Input-gradient (dgrad) GEMM of the fused convolution (see conv_fused.h), with the BN-backward
 // apply of the following norm as the gradient operand's prologue, the projection shortcut's
 // dgrad as a second K-loop into the same accumulator, and the ReLU mask + BN sums of the
-// preceding norm as the epilogue (DESIGN section 4).
+// preceding norm as the epilogue (docs/design.md section 4).
 //
 // GEMM view: rows p = (image, ih, iw) of the conv INPUT, columns c = input channels of one group,
 // K = (tap, output channel k of that group): output position o(p, tap) is the one whose tap

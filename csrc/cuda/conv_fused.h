@@ -1,4 +1,4 @@
-// The fused convolution GEMMs of a pre-activation block (DESIGN sections 3 and 4), NHWC:
+// The fused convolution GEMMs of a pre-activation block (docs/design.md sections 3 and 4), NHWC:
 //
 //   conv_fwd    out = conv(relu(x * scale + shift), W) (+ shortcut | + projection K-loop),
 //               epilogues: per-tile (count, mean, M2) partials of the stored output, and the

@@ -1,4 +1,4 @@
-// The halo-staged 3x3 forward (stride 1 or 2, any groups; DESIGN section 7, way (a)).
+// The halo-staged 3x3 forward (stride 1 or 2, any groups; docs/design.md section 7, way (a)).
 //
 // The per-tap kernel (conv_fwd.cu) loads one tap's shifted input rows per K step and applies the
 // BN-apply + ReLU prologue as it loads them, so every input element is loaded and transformed up

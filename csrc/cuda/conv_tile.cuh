@@ -18,7 +18,7 @@
 // (WmmaMma) against a WMMA API policy that is nvcuda::wmma on the device and the host WMMA shim
 // (wmma_host.cuh) in the emulator; fp32/fp64 use a plain per-thread 4x4 register tile on both.
 //
-// Correctness first; tuning ideas, in the order they are expected to pay (DESIGN section 7):
+// Correctness first; tuning ideas, in the order they are expected to pay (docs/design.md section 7):
 //   * double-buffer the A/B tiles with cp.async (or TMA) so loads overlap the MMAs;
 //   * (done for the 3x3 forward: conv_fwd_halo.cu stages the activated input patch of an 8x8
 //     output tile once and runs the 9 taps from it; the dgrad/wgrad 3x3 still load per tap);

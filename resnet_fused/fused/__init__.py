@@ -1,4 +1,4 @@
-"""Block orchestration shared by the fused backends (DESIGN sections 3 and 4).
+"""Block orchestration shared by the fused backends (docs/design.md sections 3 and 4).
 
 ``forward.py`` and ``backward.py`` say which kernels a whole block runs, in which order, with
 which prologues and epilogues; the kernels themselves come from a :class:`KernelSet`

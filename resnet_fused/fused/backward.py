@@ -1,4 +1,4 @@
-"""Backward of whole pre-activation blocks (launcher level), DESIGN section 4.
+"""Backward of whole pre-activation blocks (launcher level), docs/design.md section 4.
 
 Saved by the forward: the block input x and the conv outputs y1 (, y2), plus per-channel
 statistics; never an activation. The activations a = relu(bn(y)) are recomputed here, used,
@@ -18,7 +18,7 @@ BN backward apply in the operand prologues, the ReLU mask and BN sums in the dgr
 projection's dgrad as a second K-loop. The 3x3 follows the forward's choice (``fuse_3x3``):
 fused, those kernels at the 3x3 too (strided, grouped); else the hybrid, which materialises the
 activation and dy once and runs ATen's (cuDNN's) dgrad and wgrad on them, with the kernel set's
-BN/ReLU backward around them (DESIGN section 7: a per-tap prologue repeats its loads and math
+BN/ReLU backward around them (docs/design.md section 7: a per-tap prologue repeats its loads and math
 nine times).
 """
 from __future__ import annotations

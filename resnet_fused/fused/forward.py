@@ -1,7 +1,7 @@
 """Forward of whole pre-activation blocks from a backend's fused kernels (launcher level).
 
 The kernels come from a ``KernelSet`` (``kernel_set.py``): Triton's or the CUDA extension's.
-Bottleneck, train mode (DESIGN section 3), one kernel per convolution:
+Bottleneck, train mode (docs/design.md section 3), one kernel per convolution:
 
     K0  partials of x                -> bn1 (mean, var, scale, shift)
     K1  y1 = conv1x1(relu(bn1(x)))    epilogue: partials of y1 -> bn2

@@ -1,6 +1,6 @@
 """What a fused backend provides: the kernel primitives the block orchestration launches.
 
-Layouts and conventions every implementation follows (DESIGN sections 3 and 4):
+Layouts and conventions every implementation follows (docs/design.md sections 3 and 4):
 
 * activations NHWC (``channels_last``), any 4-D input accepted and made NHWC;
 * per-channel vectors (scale, shift, mean, invstd, BN-backward coefficients) fp32, fp64 for

@@ -1,4 +1,4 @@
-"""BatchNorm + ReLU backward pieces (DESIGN section 4), NHWC, fp32 math.
+"""BatchNorm + ReLU backward pieces (docs/design.md section 4), NHWC, fp32 math.
 
 With g' = dL/da * [z > 0] the gradient after the ReLU mask (z = v * scale + shift the
 pre-activation of the saved BN input v) and xhat = (v - mean) * invstd:

@@ -63,7 +63,7 @@ class StatsConfig:
 SHARED_MEMORY_LIMITS = {(9, 0): 227 * 1024, (8, 0): 164 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024}
 
 # GPU table, (kernel size, 16-bit?) -> configs in order of preference. First measured-free
-# defaults from the DESIGN probes (128x64 tiles, K 64 for 16-bit); the GPU benchmark refines them.
+# defaults from the docs/design.md section 7 probes (128x64 tiles, K 64 for 16-bit); the GPU benchmark refines them.
 _GPU_TABLE: dict[tuple[int, bool], list[ConvConfig]] = {
     (1, True): [ConvConfig(128, 128, 64, 8, 3), ConvConfig(128, 64, 64, 4, 3), ConvConfig(64, 64, 32, 4, 2)],
     (3, True): [ConvConfig(128, 64, 64, 4, 3), ConvConfig(64, 64, 32, 4, 2)],
@@ -147,7 +147,7 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
 def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
     """``fused`` or ``hybrid`` for a 3x3 conv whose input needs BN+ReLU.
 
-    On a GPU the hybrid is the default: in DESIGN section 7's H100 probe (bf16, batch 256) it
+    On a GPU the hybrid is the default: in docs/design.md section 7's H100 probe (bf16, batch 256) it
     took 273 / 241 / 180 us at conv2_x / conv3_x / conv4_x against 529 / 285 / 180 for the
     fused per-tap prologue. The fused kernel is what the interpreter runs (no cuDNN there to
     compare with). The backward's 3x3 dgrad/wgrad follow the same choice. Either can be forced:

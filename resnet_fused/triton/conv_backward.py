@@ -1,4 +1,4 @@
-"""Fused backward GEMMs of the convolutions, 1x1 and 3x3, strided and grouped (DESIGN section 4).
+"""Fused backward GEMMs of the convolutions, 1x1 and 3x3, strided and grouped (docs/design.md section 4).
 
 dgrad: for every input position p of the conv and input channel c,
 ``dA[p, c] = sum_{tap, k} G[o(p, tap), k] W[k, c, tap]`` over the output channels k of c's

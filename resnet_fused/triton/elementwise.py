@@ -1,6 +1,6 @@
 """BN-apply + ReLU as a standalone pass: the activation the hybrid 3x3 path feeds to cuDNN.
 
-DESIGN section 7 measured a naive implicit-GEMM 3x3 with the BN+ReLU prologue at 1.4-2.2x
+docs/design.md section 7 measured a naive implicit-GEMM 3x3 with the BN+ReLU prologue at 1.4-2.2x
 cuDNN's conv time (every input element is transformed nine times on the operand's critical
 path). The hybrid path writes relu(bn(y)) once (one read and one write of y), runs cuDNN's
 convolution on it, and takes the output statistics in a separate pass.
