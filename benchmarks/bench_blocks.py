@@ -52,7 +52,11 @@ from resnet_fused.configs import UnitShape, resnet50_stage_units
 from benchmarks import harness, roofline
 
 #: Block families: the model whose stage units are benchmarked.
-FAMILIES = {"bottleneck": "resnet_v2_50", "basic": "resnet_v2_34", "resnext": "resnext_v2_50_32x4d"}
+FAMILIES = {"bottleneck": "resnet_v2_50", "basic": "resnet_v2_34", "resnext": "resnext_v2_50_32x4d",
+            "postact": "torchvision:resnet50"}
+#: Where a family's unit shapes come from: torchvision's resnet50 (v1.5, stride on the 3x3) has
+#: exactly resnet_v2_50's unit shapes; its blocks are post-activation (resnet_fused.postact).
+SHAPES_FROM = {"postact": "resnet_v2_50"}
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 UNIT_KINDS = ("identity", "first")
 STAGES = (2, 3, 4, 5)  # conv2_x .. conv5_x, the ResNet paper's names
@@ -137,12 +141,30 @@ def small_unit(unit: UnitShape, width_divisor: int = 4, spatial_divisor: int = 8
                    width=max(unit.width // spatial_divisor, min_spatial))
 
 
+def build_postact_block(unit: UnitShape, backend: str) -> nn.Module:
+    """torchvision's post-activation Bottleneck of ``unit``'s shape (projection shortcut where
+    the shape changes) as the fused drop-in; ``backend="reference"`` runs torchvision's own
+    forward on the same modules (the eager row)."""
+    from resnet_fused.postact import FusedPostActBottleneck
+
+    planes = unit.mid_chs
+    if planes * FusedPostActBottleneck.expansion != unit.out_chs or unit.groups != 1:
+        raise ValueError(f"{unit.name}: not a torchvision Bottleneck shape (out {unit.out_chs} != 4 x mid "
+                         f"{planes}, or groups {unit.groups})")
+    downsample = None
+    if unit.stride != 1 or unit.in_chs != unit.out_chs:
+        downsample = nn.Sequential(nn.Conv2d(unit.in_chs, unit.out_chs, 1, stride=unit.stride, bias=False),
+                                   nn.BatchNorm2d(unit.out_chs))
+    return FusedPostActBottleneck(unit.in_chs, planes, stride=unit.stride, downsample=downsample, backend=backend)
+
+
 def select_cases(families: Sequence[str], stages: Sequence[int], kinds: Sequence[str],
                  small: bool) -> list[Case]:
     cases = []
     for family in families:
         model = FAMILIES[family]
-        units = resnet50_stage_units(model, kinds=tuple(kinds), stages=tuple(s - 2 for s in stages))
+        units = resnet50_stage_units(SHAPES_FROM.get(family, model), kinds=tuple(kinds),
+                                     stages=tuple(s - 2 for s in stages))
         cases += [Case(family, model, small_unit(u) if small else u) for u in units]
     return cases
 
@@ -207,6 +229,8 @@ class BlockBenchmark:
                     self.record.write()
 
     def _build(self, case: Case, backend: str) -> nn.Module:
+        if case.family == "postact":
+            return build_postact_block(case.unit, backend)
         return resnet_fused.make_block(case.unit.block, backend=backend, **case.unit.block_kwargs())
 
     def _prepare(self, dtype_mode: harness.DtypeMode) -> Callable[[nn.Module], nn.Module]:
@@ -278,7 +302,8 @@ class BlockBenchmark:
         row["gmacs"] = round(macs / 1e9, 4)
         row["tflops"] = harness.tflops(macs * (3 if mode == "train_fwd_bwd" else 1), row["median_ms"])
         ceiling = harness.ceiling_for(self.ceilings, dtype_mode.compute)
-        if ceiling is not None:
+        # The roofline plans the pre-activation blocks; a post-activation unit has no floor yet.
+        if ceiling is not None and case.family != "postact":
             floor = roofline.plan_floor(case.unit, self.batch, mode, dtype_mode.element_bytes,
                                         peak_flops=ceiling[0], bandwidth=ceiling[1])
             row["floor_ms"] = harness.round_significant(floor.seconds * 1e3)
@@ -344,7 +369,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, argpa
     parser.add_argument("--units", default=None,
                         help="comma-separated: identity (a unit of unchanged shape), first (the stage's "
                              "projection unit, strided from conv3_x on). Default: both; --quick: identity")
-    parser.add_argument("--unit-names", default=None,
+    parser.add_argument("--unit-names", default=None,  # [<family>:]<unit>, e.g. postact:conv3_x.first
                         help="comma-separated unit names (e.g. conv2_x.identity,conv3_x.first), run in this "
                              "order; replaces --stages and --units")
     parser.add_argument("--size", default=None, choices=("full", "small"),
@@ -375,13 +400,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     harness.configure_torch(device, args.cpu_threads)
     cases = select_cases(families, stages, kinds, small=args.size == "small")
     if args.unit_names:
+        # "conv3_x.first" selects that unit of every family in --blocks; "postact:conv3_x.first"
+        # of one family only.
         names = [n.strip() for n in args.unit_names.split(",") if n.strip()]
         every = select_cases(families, STAGES, UNIT_KINDS, small=args.size == "small")
-        unknown = [n for n in names if not any(c.unit.name == n for c in every)]
+
+        def matches(case: Case, name: str) -> bool:
+            family, _, unit = name.rpartition(":")
+            return case.unit.name == unit and family in ("", case.family)
+
+        unknown = [n for n in names if not any(matches(c, n) for c in every)]
         if unknown:
             parser.error(f"--unit-names: unknown unit(s) {', '.join(unknown)}; names are "
-                         f"conv<2..5>_x.<{'|'.join(UNIT_KINDS)}>")
-        cases = [c for n in names for c in every if c.unit.name == n]
+                         f"[<family>:]conv<2..5>_x.<{'|'.join(UNIT_KINDS)}>, families from --blocks")
+        cases = [c for n in names for c in every if matches(c, n)]
 
     record = harness.RunRecord("bench_blocks", args, device, CONVENTIONS)
     record.data["config"]["resolved"] = {

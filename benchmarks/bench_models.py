@@ -69,25 +69,41 @@ CONVENTIONS = {
 
 
 TIMM_PREFIX = "timm:"
+TORCHVISION_PREFIX = "torchvision:"
+_FOREIGN = (TIMM_PREFIX, TORCHVISION_PREFIX)
 
 
 def create_model(name: str, backend: str = "reference") -> nn.Module:
-    """A package model, or ``timm:<name>``: timm's own model (eager as timm builds it for the
-    reference, converted in place with ``resnet_fused.convert`` for a fused backend)."""
-    if not name.startswith(TIMM_PREFIX):
-        return resnet_fused.create_model(name, backend=backend)
-    import timm  # optional: only for timm:<name> models
+    """A package model, ``timm:<name>`` (timm's own model: pre-activation ``resnetv2_*`` or
+    post-activation ``resnet*``) or ``torchvision:<name>`` (``torchvision.models.<name>()``, e.g.
+    resnet50, resnext50_32x4d): eager as the library builds it for the reference, converted in
+    place with ``resnet_fused.convert`` for a fused backend."""
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision  # optional: only for torchvision:<name> models
 
-    model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+        model = getattr(torchvision.models, name[len(TORCHVISION_PREFIX):])()
+    elif name.startswith(TIMM_PREFIX):
+        import timm  # optional: only for timm:<name> models
+
+        model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False)
+    else:
+        return resnet_fused.create_model(name, backend=backend)
     if backend != "reference":
-        resnet_fused.convert(model, backend=backend)
+        model = resnet_fused.convert(model, backend=backend)
     return model
 
 
 def check_models(spec: str) -> list[str]:
-    """--models: package model names and timm:<name> entries (timm's name checked by timm)."""
+    """--models: package model names, timm:<name> and torchvision:<name> entries (the library
+    checks its own names)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    ours = [n for n in names if not n.startswith(TIMM_PREFIX)]
+    for name in names:
+        if name.startswith(TORCHVISION_PREFIX):
+            import torchvision
+
+            if not callable(getattr(torchvision.models, name[len(TORCHVISION_PREFIX):], None)):
+                raise ValueError(f"--models: torchvision has no model {name[len(TORCHVISION_PREFIX):]!r}")
+    ours = [n for n in names if not n.startswith(_FOREIGN)]
     if ours:
         harness.parse_choices(",".join(ours), resnet_fused.list_models(), "--models")
     return names
@@ -305,8 +321,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, argpa
         description="Benchmark whole pre-activation ResNets: training and inference images/s.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", default="resnet_v2_50",
-                        help=f"comma-separated, from {', '.join(resnet_fused.list_models())}, or timm:<name> "
-                             "(timm's model, converted with resnet_fused.convert for the fused rows); 'none' runs "
+                        help=f"comma-separated, from {', '.join(resnet_fused.list_models())}, timm:<name> or "
+                             "torchvision:<name> (the library's model, converted with resnet_fused.convert for the "
+                             "fused rows; e.g. timm:resnetv2_50, timm:resnet50, torchvision:resnet50); 'none' runs "
                              "only --classic")
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on a CPU")
     parser.add_argument("--classic", action="store_true",

@@ -18,14 +18,16 @@
 #                                 Beside it, a Triton compile warm-up (the parity's Triton cases,
 #                                 one process per dtype; QUICK_WARMUP=0 disables), stopped when
 #                                 the build ends
-#   parity   110  (deadline 280)  scripts/gpu_parity.py: whole blocks at the real ResNet-50 and
-#                                 ResNeXt-50 unit shapes, batch 32, bf16 and fp16, triton and
+#   parity   110  (deadline 280)  scripts/gpu_parity.py: whole blocks at the real ResNet-50,
+#                                 ResNeXt-50 and post-activation ResNet-50 (torchvision v1.5)
+#                                 unit shapes, batch 32, bf16 and fp16, triton and
 #                                 cuda, the selector's own configs; eval output, train output,
 #                                 input grad, every param grad, running stats; launch checks
 #   bench    150  (deadline 430)  benchmarks/bench_blocks.py: eager, triton, cuda, compile
 #                                 (compile last: the budget skips what it cannot fit, recorded);
 #                                 train_fwd, train_fwd_bwd, eval_fwd; conv2..5_x identity units +
-#                                 conv3_x projection unit; bf16, channels_last, batch 256
+#                                 conv3_x projection unit, post-activation conv2_x identity and
+#                                 conv3_x projection units; bf16, channels_last, batch 256
 #   models    60  (deadline 490)  benchmarks/bench_models.py: timm resnetv2_50 converted vs not
 #                                 (the package's resnet_v2_50 when timm is missing), AMP bf16,
 #                                 batch 256, train images/s and peak memory; eager, triton, cuda
@@ -34,8 +36,8 @@
 #                                 whose parity failed in that dtype marked INVALID), model rows
 # TUNE PLAN (GPU): scripts/gpu_tune.py, TUNE_LIMIT_S = 480 s in all (build first when _C is
 #   missing: the tune itself needs only Triton, so a missing build only costs its time).
-# Post-activation ResNet-50 units join the quick run through QUICK_BENCH_BLOCKS / QUICK_PARITY_FAMILIES
-# once their block family exists (e.g. QUICK_BENCH_BLOCKS=bottleneck,postact).
+# Post-activation ResNet-50 (torchvision v1.5) units run in parity and bench as the "postact"
+# family (QUICK_BENCH_BLOCKS / QUICK_PARITY_FAMILIES choose the families).
 #
 # $OUT holds at most 8 files, top level only, AT EVERY MOMENT: one <part>.json record per part
 # (build, parity, bench, models; tune, tuned), and logs.tar.gz, rewritten after every part, with
@@ -296,7 +298,7 @@ part_parity() {  # seconds
     if [ "$DRY_RUN" = 1 ]; then
         # fp16: the interpreter has no bf16 (numpy), so bf16 is checked on the GPU only
         cmd=("$PY" scripts/gpu_parity.py --dry-run --out "$WORK/parity.json" --budget-s "$(margin "$seconds" 15)"
-             --dtypes fp16 --families "${QUICK_PARITY_FAMILIES:-bottleneck}" --units conv3_x.first
+             --dtypes fp16 --families "${QUICK_PARITY_FAMILIES:-bottleneck,postact}" --units conv3_x.first
              --spread-samples 1)
     elif [ -n "${QUICK_PARITY_FAMILIES:-}" ]; then
         cmd+=(--families "$QUICK_PARITY_FAMILIES")
@@ -309,19 +311,22 @@ part_parity() {  # seconds
     record parity "$rc" $((SECONDS - start)) --command "${cmd[*]}" --result "$WORK/parity.json"
 }
 
-QUICK_UNITS=conv2_x.identity,conv3_x.identity,conv4_x.identity,conv5_x.identity,conv3_x.first
+# The pre-activation identity units and the conv3_x projection unit, then two post-activation
+# (torchvision resnet50) units: an identity and a strided projection unit.
+QUICK_UNITS=bottleneck:conv2_x.identity,bottleneck:conv3_x.identity,bottleneck:conv4_x.identity,\
+bottleneck:conv5_x.identity,bottleneck:conv3_x.first,postact:conv2_x.identity,postact:conv3_x.first
 
 part_bench() {  # seconds
     local seconds=$1 extra=()
     split_args extra "${BENCH_ARGS:-}"
-    local cmd=("$PY" benchmarks/bench_blocks.py --blocks "${QUICK_BENCH_BLOCKS:-bottleneck}"
+    local cmd=("$PY" benchmarks/bench_blocks.py --blocks "${QUICK_BENCH_BLOCKS:-bottleneck,postact}"
                --unit-names "$QUICK_UNITS" --dtype bf16 --memory-format channels_last
                --modes train_fwd,train_fwd_bwd,eval_fwd --impls eager,triton,cuda,compile
                --out "$WORK" --name bench --no-plot)
     if [ "$DRY_RUN" = 1 ]; then
         # compile stays in the list: a 20 s budget refuses it (its first case is estimated at
         # 60 s), which is the skipped-rows path of the GPU run
-        cmd=("$PY" benchmarks/bench_blocks.py --blocks bottleneck --unit-names conv3_x.first --dtype fp32
+        cmd=("$PY" benchmarks/bench_blocks.py --blocks bottleneck,postact --unit-names conv3_x.first --dtype fp32
              --size small --batch 2 --memory-format channels_last --modes train_fwd,train_fwd_bwd,eval_fwd
              --impls eager,triton,cuda,compile --out "$WORK" --name bench --no-plot --quick --budget-s 20)
     else

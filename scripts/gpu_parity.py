@@ -53,7 +53,19 @@ import parity_rule  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = ("triton", "cuda")
-FAMILIES = {"bottleneck": "resnet_v2_50", "resnext": "resnext_v2_50_32x4d"}
+FAMILIES = {"bottleneck": "resnet_v2_50", "resnext": "resnext_v2_50_32x4d", "postact": "resnet_v2_50"}
+#: Families whose blocks are not this package's pre-activation ones: torchvision's resnet50
+#: (v1.5) post-activation Bottleneck, at resnet_v2_50's unit shapes (the same shapes).
+POSTACT_FAMILIES = ("postact",)
+
+
+def make_unit(family: str, unit: UnitShape, backend: str) -> torch.nn.Module:
+    """The block of ``unit`` for ``family`` on ``backend`` (``reference``: the eager twin)."""
+    if family in POSTACT_FAMILIES:
+        from benchmarks.bench_blocks import build_postact_block
+
+        return build_postact_block(unit, backend)
+    return rf.make_block(unit.block, backend=backend, **unit.block_kwargs())
 #: Units in the order they run (most informative first, so a budget cut keeps the best cover):
 #: an identity unit and a strided projection unit of each family, then the rest.
 UNIT_ORDER = ("conv2_x.identity", "conv3_x.first", "conv4_x.identity", "conv5_x.first",
@@ -77,7 +89,8 @@ def tiny(unit: UnitShape) -> UnitShape:
     5x5 spatial (odd where the unit is strided, so partial tiles and padding both run)."""
     groups = min(unit.groups, 4)
     out = max(unit.out_chs // 16, 16)
-    while int(out * unit.bottle_ratio) % groups:
+    # the middle width a multiple of the groups, and out = 4 x mid exactly (torchvision's shape)
+    while int(out * unit.bottle_ratio) % groups or int(out * unit.bottle_ratio) != out * unit.bottle_ratio:
         out += 1
     in_chs = out if unit.in_chs == unit.out_chs else max(unit.in_chs // 16, 8)
     size = 5 if unit.stride > 1 else 4
@@ -164,7 +177,7 @@ class Problem:
         self.family, self.unit, self.dtype = family, unit, dtype
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        base = rf.make_block(unit.block, backend="reference", **unit.block_kwargs())
+        base = make_unit(family, unit, "reference")
         randomize_bn(base, gen)
         fmt = torch.channels_last
         self.eager = base.to(device=device, dtype=dtype).to(memory_format=fmt)
@@ -183,7 +196,7 @@ class Problem:
         del exact_module
 
     def check(self, backend: str) -> dict:
-        fused = rf.make_block(self.unit.block, backend=backend, **self.unit.block_kwargs())
+        fused = make_unit(self.family, self.unit, backend)
         fused.load_state_dict(self.eager.state_dict())
         fused = fused.to(device=self.x.device, dtype=self.dtype).to(memory_format=torch.channels_last)
         reset_launches()

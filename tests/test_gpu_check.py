@@ -96,9 +96,10 @@ def test_verify_finds_each_kind_of_problem(tmp_path):
 def test_parity_rule_matches_the_tests_rule():
     """scripts/parity_rule.py copies tests/helpers.py's formula; the two must agree."""
     import torch
-    from helpers import UNIT_ROUNDOFF, rel_err, tolerance
+    from helpers import MAX_SPREAD_FACTOR, UNIT_ROUNDOFF, rel_err, tolerance
 
     assert parity_rule.UNIT_ROUNDOFF == UNIT_ROUNDOFF
+    assert parity_rule.MAX_SPREAD_FACTOR == MAX_SPREAD_FACTOR
     for dtype in UNIT_ROUNDOFF:
         for eager_err in (0.0, 1e-3, 0.2):
             assert parity_rule.tolerance(dtype, eager_err) == tolerance(dtype, eager_err)
@@ -110,6 +111,10 @@ def test_parity_rule_matches_the_tests_rule():
     good = parity_rule.check(close.half(), eager, exact, torch.float16)
     bad = parity_rule.check((exact * 1.05).half(), eager, exact, torch.float16)
     assert good["ok"] and not bad["ok"]
+    # a spread widens the bound only up to 4x eager's error: never past 8x eager + 2u
+    eager_err = parity_rule.rel_err(eager, exact)
+    wide = parity_rule.check(close.half(), eager, exact, torch.float16, eager_spread=1.0)
+    assert wide["bound"] == pytest.approx(8 * eager_err + 2 * UNIT_ROUNDOFF[torch.float16], rel=1e-3)
     nan = close.clone()
     nan[3] = float("nan")
     assert not parity_rule.check(nan, eager, exact, torch.float64)["ok"]
