@@ -54,5 +54,7 @@ def test_channels_last_model_step_has_no_layout_copies():
     model = rf.resnet_v2_50(backend="triton").to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     got = count_launches(model, x, "train_step")
-    assert got["aten_by_op"].get("aten::copy_", 0) == 0, got["aten_by_op"]
+    # dW of a channels_last 3x3 is stored channels_last by the wgrad kernel itself: no clone or copy
+    assert not {"aten::copy_", "aten::clone"} & set(got["aten_by_op"]), got["aten_by_op"]
+    assert got["triton"] == PINNED["train_step"][1], got
     assert got["total"] <= PINNED["train_step"][0], got

@@ -133,3 +133,23 @@ def test_dgrad_rejects_mismatched_shapes(gen):
     t = _case("3x3-s2-odd", torch.float32, gen, prologue=False)
     with pytest.raises(ValueError, match="do not fit"):
         conv_dgrad(t["g"], t["weight"], t["v"], t["scale"], t["shift"], t["mean"], t["invstd"], stride=1, **TILES)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_wgrad_channels_last_output_is_the_same_gradient(gen, splits):
+    """conv_wgrad(channels_last=True) stores dW in a channels_last weight's layout: the same
+    values to the bit (same tiles, same fixed-order sum), no layout copy afterwards."""
+    from resnet_fused.triton.conv_backward import conv_wgrad
+    from resnet_fused.triton.launch import launch_counts, reset_launch_counts
+
+    v = torch.randn(2, 12, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 20, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
+    kw = dict(ksize=3, stride=2, groups=2, splits=splits, block_m=16, block_k=16, block_c=16)
+    reset_launch_counts()
+    plain = conv_wgrad(grad, v, scale, shift, **kw)
+    cl = conv_wgrad(grad, v, scale, shift, channels_last=True, **kw)
+    assert launch_counts()["_conv_wgrad_kernel"] == 2
+    assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert torch.equal(cl, plain)

@@ -108,7 +108,9 @@ class CudaKernels:
     def conv_dgrad(self, grad, weight, v, scale, shift, mean, invstd, **kwargs):
         return kernels.conv_dgrad(grad, weight, v, scale, shift, mean, invstd, **kwargs)
 
-    def conv_wgrad(self, grad, v, scale, shift, **kwargs):
+    def conv_wgrad(self, grad, v, scale, shift, channels_last: bool = False, **kwargs):
+        # The C++ wgrad writes PyTorch's contiguous layout; the op converts a channels_last
+        # weight's gradient (ops/blocks.py: _like_weight).
         return kernels.conv_wgrad(grad, v, scale, shift, **kwargs)
 
     def relu_grad_sums(self, grad, v, scale, shift, mean, invstd, extra=None):

@@ -51,6 +51,13 @@ class SavedNorm:
         self.mean, self.var, self.invstd, self.scale, self.shift = self.stats.view(5, -1).unbind(0)
 
 
+def _channels_last_weight(weight: Tensor) -> bool:
+    """Whether a weight is stored channels_last (a model after ``.to(memory_format=
+    torch.channels_last)``; a 1x1 is both layouts at once): its gradient is made that way."""
+    return weight.shape[-1] > 1 and weight.is_contiguous(memory_format=torch.channels_last) \
+        and not weight.is_contiguous()
+
+
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int) -> tuple[Tensor, Tensor]:
     """(input gradient, weight gradient) of conv2d(inp, weight, stride, padding=k//2, groups)."""
     pad = weight.shape[-1] // 2
@@ -100,6 +107,7 @@ def _bn_relu_conv_backward(
         g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
                                             stride=stride, groups=groups, prologue=prologue, **second)
         d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=ksize, stride=stride, groups=groups,
+                                 channels_last=_channels_last_weight(weight),
                                  prologue=prologue)
         d_wp = None
         if projection is not None:

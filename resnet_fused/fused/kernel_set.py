@@ -85,7 +85,8 @@ class KernelSet(Protocol):
         prologue, second_grad, second_weight, second_stride."""
 
     def conv_wgrad(self, grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, **kwargs) -> Tensor:
-        """dW in the weight's layout; keywords ksize, stride, groups, prologue."""
+        """dW; keywords ksize, stride, groups, prologue, channels_last (a request to return dW
+        channels_last, as a channels_last weight is stored; an implementation may ignore it)."""
 
     def relu_grad_sums(self, grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: Tensor,
                        invstd: Tensor, extra: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

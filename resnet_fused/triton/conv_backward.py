@@ -130,9 +130,12 @@ def _conv_wgrad_kernel(
     part_ptr,
     M, C_out, C_in, cin_pg, cout_pg, H, W, H_out, W_out, rows_per_split,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, TAPS_OUTER: tl.constexpr = False,
 ):
-    """Partial dW [C_out, cin_pg] of one tap over one split of the M = N*H_out*W_out rows."""
+    """Partial dW [C_out, cin_pg] of one tap over one split of the M = N*H_out*W_out rows.
+
+    ``TAPS_OUTER`` stores the partials as [splits, C_out, kh, kw, cin_pg] in memory: viewed as
+    [splits, C_out, cin_pg, kh, kw], split 0 is then a channels_last weight's layout."""
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     TAPS: tl.constexpr = KSIZE * KSIZE
@@ -168,8 +171,12 @@ def _conv_wgrad_kernel(
         a = tl.where(amask, tl.maximum(v.to(scale.dtype) * scale[None, :] + shift[None, :], 0.0,
                                         propagate_nan=tl.PropagateNan.ALL), 0.0)
         acc = _dot(tl.trans(g.to(dot_dtype)), a.to(dot_dtype), acc, DOT_PRECISION)
-    # Partials [splits, C_out, cin_pg, kh, kw]: split 0 alone is dW in PyTorch's layout.
-    offs = (((split * C_out + ks[:, None]).to(tl.int64) * cin_pg + cs_local[None, :]) * TAPS + tap)
+    # Partials [splits, C_out, cin_pg, kh, kw]: split 0 alone is dW in PyTorch's layout
+    # (contiguous, or channels_last with TAPS_OUTER).
+    if TAPS_OUTER:
+        offs = ((split * C_out + ks[:, None]).to(tl.int64) * TAPS + tap) * cin_pg + cs_local[None, :]
+    else:
+        offs = (((split * C_out + ks[:, None]).to(tl.int64) * cin_pg + cs_local[None, :]) * TAPS + tap)
     tl.store(part_ptr + offs, acc.to(part_ptr.dtype.element_ty), mask=k_valid[:, None] & c_valid[None, :])
 
 
@@ -222,19 +229,22 @@ def conv_dgrad(
 
 def conv_wgrad(
     grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, *, ksize: int = 1, stride: int = 1, groups: int = 1,
-    prologue: Optional[GradPrologue] = None, splits: Optional[int] = None,
+    prologue: Optional[GradPrologue] = None, splits: Optional[int] = None, channels_last: bool = False,
     block_m: int = 32, block_k: int = 64, block_c: int = 64, num_warps: int = 4, num_stages: int = 2,
 ) -> Tensor:
     """dW (C_out, C_in / groups, k, k) of a conv with input relu(v * scale + shift) and output
     gradient ``grad`` (BN-backward ``prologue`` applied first), split-K over the rows, fp32
-    partials summed in a fixed order."""
+    partials summed in a fixed order. ``channels_last``: dW comes out channels_last (the layout
+    of a channels_last weight, so autograd accumulates it without a layout copy)."""
     grad, v = _nhwc(grad), _nhwc(v)
     n, c_out, h_out, w_out = grad.shape
     c_in, h, w = v.shape[1:]
     cin_pg, cout_pg = c_in // groups, c_out // groups
     m = n * h_out * w_out
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     if m == 0:  # an empty batch: no rows, a zero weight gradient (as eager gives)
-        return torch.zeros((c_out, cin_pg, ksize, ksize), dtype=grad.dtype, device=grad.device)
+        return torch.zeros((c_out, cin_pg, ksize, ksize), dtype=grad.dtype, device=grad.device,
+                           memory_format=layout)
     if splits is None:
         splits = max(1, min(64, triton.cdiv(m, 4096)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
@@ -242,16 +252,22 @@ def conv_wgrad(
     taps = ksize * ksize
     # One split stores dW itself, in grad's dtype (no reduction, no cast launches); more store
     # fp32 partials, summed in a fixed order.
-    part = torch.empty((splits, c_out, cin_pg, ksize, ksize), dtype=grad.dtype if splits == 1 else scale.dtype,
-                       device=v.device)
+    part_dtype = grad.dtype if splits == 1 else scale.dtype
+    if channels_last:
+        part = torch.empty((splits, c_out, ksize, ksize, cin_pg), dtype=part_dtype,
+                           device=v.device).permute(0, 1, 4, 2, 3)
+    else:
+        part = torch.empty((splits, c_out, cin_pg, ksize, ksize), dtype=part_dtype, device=v.device)
     pro = prologue or GradPrologue(grad, scale, scale, scale)
     grid = (groups * triton.cdiv(cout_pg, block_k), triton.cdiv(cin_pg, block_c), splits * taps)
     launch(_conv_wgrad_kernel, grid, v,
            grad, pro.y, pro.a, pro.b, pro.c, v, scale, shift, part,
            m, c_out, c_in, cin_pg, cout_pg, h, w, h_out, w_out, rows_per_split,
            KSIZE=ksize, STRIDE=stride, PROLOGUE=prologue is not None, DOT_PRECISION=dot_precision(grad.dtype),
-           BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps, num_stages=num_stages)
+           BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, TAPS_OUTER=channels_last,
+           num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return part[0]
-    # torch's sum over the split dimension is a fixed-order reduction (no atomics).
-    return part.sum(0).to(grad.dtype)
+    # torch's sum over the split dimension is a fixed-order reduction (no atomics), into dW's layout.
+    total = torch.empty((c_out, cin_pg, ksize, ksize), dtype=part.dtype, device=v.device, memory_format=layout)
+    return torch.sum(part, 0, out=total).to(grad.dtype)
