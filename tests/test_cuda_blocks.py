@@ -212,29 +212,47 @@ def test_auto_routes_by_the_measured_table(monkeypatch, gen):
 
 
 def test_converted_timm_resnetv2_50_through_the_cpp_kernels(gen):
-    """timm's real resnetv2_50 converted to backend='cuda': the ResNet-50 widths (64..2048
-    channels: many N, K and M tiles, the projection K-loop at 256..2048) through the C++ tile code;
-    output, every gradient and running statistic against the unconverted timm model in fp32, with
-    a float64 copy as the exact reference (2x-eager rule)."""
+    """timm's real resnetv2_50 converted to backend='cuda', stage fusion on (convert builds
+    FusedStages: one statistics pass per forward, the first block's): the ResNet-50 widths
+    (64..2048 channels: many N, K and M tiles, the projection K-loop at 256..2048) through the C++
+    tile code over two SGD steps; output, every gradient and (after both steps) every running
+    statistic against the unconverted timm model in fp32, with a float64 copy as the exact
+    reference (2x-eager rule)."""
     timm = pytest.importorskip("timm", reason="timm is optional; this test needs it")
+    from resnet_fused.stage import FusedStage, FusedStages
+
     original = timm.create_model("resnetv2_50", num_classes=5).to(DEVICE)
     randomize_bn(original, gen)
     exact = copy.deepcopy(original).double()
     converted = rf.convert(copy.deepcopy(original), backend="cuda")
     assert sum(isinstance(m, rf.FusedBottleneck) for m in converted.modules()) == 16
-    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64).to(DEVICE)
-    grad_out = torch.randn(2, 5, generator=gen, dtype=torch.float64).to(DEVICE)
-    results = {}
-    for key, model, inp in (("fused", converted, x.float()), ("eager", original, x.float()), ("exact", exact, x)):
-        leaf = inp.clone().requires_grad_()
-        model.train()
-        if key == "fused":
-            out, counts = run(model, leaf, grad_out)
-            assert counts["conv_fwd_cuda"] == 16 * 3 and counts["conv_dgrad_cuda"] == 16 * 3, counts
-        else:
-            out = model(leaf)
-            out.backward(grad_out.to(out.dtype))
-        results[key] = {"out": out.detach(), "x": leaf.grad, **{n: p.grad for n, p in model.named_parameters()},
-                        **{n: b for n, b in model.named_buffers() if "running" in n}}
-    for name, want in results["exact"].items():
-        assert_parity(results["fused"][name], results["eager"][name], want, torch.float32, name)
+    assert isinstance(converted.stages, FusedStages) and all(isinstance(s.blocks, FusedStage) for s in converted.stages)
+    models = {"fused": converted, "eager": original, "exact": exact}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.02) for k, m in models.items()}
+    for step in range(2):
+        x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+        grad_out = torch.randn(2, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+        results = {}
+        for key, model in models.items():
+            leaf = (x if key == "exact" else x.float()).clone().requires_grad_()
+            model.train()
+            if key == "fused":
+                out, counts = run(model, leaf, grad_out)
+                assert counts["conv_fwd_cuda"] == 16 * 3 and counts["conv_dgrad_cuda"] == 16 * 3, counts
+                assert counts["stats_partials_cuda"] == 1, counts  # statistics chained through the stages
+            else:
+                out = model(leaf)
+                out.backward(grad_out.to(out.dtype))
+            results[key] = {"out": out.detach(), "x": leaf.grad,
+                            **{n: p.grad for n, p in model.named_parameters()}}
+        for name, want in results["exact"].items():
+            assert_parity(results["fused"][name], results["eager"][name], want, torch.float32, f"step {step} {name}")
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    buffers = {k: dict(m.named_buffers()) for k, m in models.items()}
+    for name, want in buffers["exact"].items():
+        if "running" in name:
+            assert_parity(buffers["fused"][name], buffers["eager"][name], want, torch.float32, name)
+        elif name.endswith("num_batches_tracked"):
+            assert int(buffers["fused"][name]) == int(want) == 2, name
