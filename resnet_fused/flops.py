@@ -73,6 +73,8 @@ def _paper_name(name: str) -> str:
         return "conv1"
     if name.startswith("stages."):
         return f"conv{int(name.split('.')[1]) + 2}_x"
+    if name.startswith("layer") and name[5:].isdigit():  # torchvision / timm post-activation ResNets
+        return f"conv{int(name[5:]) + 1}_x"
     return {"head": "fc"}.get(name, name)
 
 
@@ -148,13 +150,44 @@ def _paper_comparison(stride_on: str, image_size: int) -> str:
     return "\n".join(lines)
 
 
+_LIBRARIES = ("torchvision:", "timm:")
+
+
+def _library_model(name: str, backend: str) -> nn.Module:
+    """``torchvision:<name>`` or ``timm:<name>`` built on the meta device, converted with
+    ``resnet_fused.convert`` unless ``backend`` is ``reference``."""
+    library, _, model_name = name.partition(":")
+    with torch.device("meta"):
+        if library == "torchvision":
+            import torchvision
+
+            builder = getattr(torchvision.models, model_name, None)
+            if not callable(builder):
+                raise ValueError(f"torchvision has no model {model_name!r}")
+            model = builder()
+        else:
+            import timm
+
+            model = timm.create_model(model_name, pretrained=False)
+    if backend != "reference":
+        from .convert import convert
+
+        model = convert(model, backend=backend)
+    return model
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models import create_model, list_models
 
     parser = argparse.ArgumentParser(
         prog="python -m resnet_fused.flops",
-        description="Multiply-accumulates (GMACs) per stage of a resnet_fused model.")
-    parser.add_argument("model", nargs="?", default="resnet_v2_50", choices=list_models())
+        description="Multiply-accumulates (GMACs) per stage of a resnet_fused, torchvision or timm model.")
+    parser.add_argument("model", nargs="?", default="resnet_v2_50",
+                        help=f"one of {', '.join(list_models())}, or torchvision:<name> / timm:<name> "
+                             "(e.g. torchvision:resnet50)")
+    parser.add_argument("--backend", default="reference",
+                        help="build the model's blocks for this backend (a library model: converted "
+                             "with resnet_fused.convert); the count must not change")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--stride-on", choices=("3x3", "1x1"), default="3x3",
@@ -165,12 +198,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.paper:
         print(_paper_comparison("1x1", args.image_size))
         return 0
-    with torch.device("meta"):
-        model = create_model(args.model, stride_on=args.stride_on)
+    if args.model.startswith(_LIBRARIES):
+        try:
+            model = _library_model(args.model, args.backend)
+        except (ValueError, RuntimeError) as exc:
+            parser.error(str(exc))
+        what = f"{args.model} ({'converted, backend ' + args.backend if args.backend != 'reference' else 'eager'})"
+    elif args.model in list_models():
+        with torch.device("meta"):
+            model = create_model(args.model, stride_on=args.stride_on, backend=args.backend)
+        what = f"{args.model}, stride on the {args.stride_on}"
+    else:
+        parser.error(f"unknown model {args.model!r}: one of {', '.join(list_models())}, or "
+                     "torchvision:<name> / timm:<name>")
     report = count_macs(model, (args.batch, 3, args.image_size, args.image_size))
-    print(report.format_table(
-        model, f"{args.model}, input {args.batch}x3x{args.image_size}x{args.image_size}, "
-               f"stride on the {args.stride_on}"))
+    print(report.format_table(model, f"{what}, input {args.batch}x3x{args.image_size}x{args.image_size}"))
     return 0
 
 

@@ -31,6 +31,10 @@ __all__ = ["FusedBottleneck", "FusedBasicBlock"]
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """torch.autocast's dtype for ``device_type``, or None when off there; the meta device (MAC
+    counting, shape tracing) has no autocast and asking torch raises."""
+    if device_type == "meta":
+        return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None

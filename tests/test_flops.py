@@ -112,3 +112,26 @@ def test_count_macs_bad_input(bad, exc):
 def test_count_macs_needs_module():
     with pytest.raises(TypeError, match="nn.Module"):
         flops.count_macs(lambda x: x, (1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("name,stride_on", [("resnet_v2_50", "3x3"), ("resnet_v2_50", "1x1"),
+                                            ("resnet_v2_18", "3x3"), ("resnext_v2_50_32x4d", "3x3")])
+def test_fused_models_count_what_eager_counts(name, stride_on):
+    """The fused block ops register their MACs: a fused model counts the eager one's MACs."""
+    with torch.device("meta"):
+        eager = rf.create_model(name, stride_on=stride_on)
+        fused = rf.create_model(name, stride_on=stride_on, backend="triton")
+    shape = (2, 3, 64, 64)
+    assert rf.count_macs(fused, shape).total == rf.count_macs(eager, shape).total > 0
+
+
+def test_cli_counts_converted_library_models(capsys):
+    from resnet_fused.flops import main
+
+    pytest.importorskip("torchvision")
+    for backend in ("reference", "triton"):
+        assert main(["torchvision:resnet50", "--backend", backend]) == 0
+        out = capsys.readouterr().out
+        assert "conv3_x" in out and out.rstrip().endswith("4.089"), out
+    with pytest.raises(SystemExit):
+        main(["torchvision:no_such_model"])

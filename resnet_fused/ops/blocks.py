@@ -524,3 +524,47 @@ def _basic_backward(ctx, *grads):
 
 
 _register_autograd(basic_block_forward, _basic_backward, _basic_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# MACs (resnet_fused.flops): what eager's convolutions of the same block count
+# ---------------------------------------------------------------------------------------
+
+
+def _out(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1
+
+
+def _bottleneck_macs(x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
+                     stride, groups, shortcut, stride_on, *rest, out_shape=None, **kwargs) -> int:
+    """conv1 + conv2 + conv3 (+ the projection), shapes in, MACs out."""
+    from ..flops import conv_macs
+
+    n, _, h, w = x
+    s1 = stride if stride_on == "1x1" else 1
+    y1 = (n, w1[0], _out(h, s1), _out(w, s1))
+    y2 = (n, w2[0], _out(h, stride), _out(w, stride))
+    out = (n, w3[0], y2[2], y2[3])
+    total = conv_macs(x, w1, y1) + conv_macs(y1, w2, y2) + conv_macs(y2, w3, out)
+    return total + (conv_macs(x, w_proj, out) if w_proj is not None else 0)
+
+
+def _basic_block_macs(x, w1, w2, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
+                      stride, *rest, out_shape=None, **kwargs) -> int:
+    from ..flops import conv_macs
+
+    n, _, h, w = x
+    y1 = (n, w1[0], _out(h, stride), _out(w, stride))
+    out = (n, w2[0], y1[2], y1[3])
+    total = conv_macs(x, w1, y1) + conv_macs(y1, w2, out)
+    return total + (conv_macs(x, w_proj, out) if w_proj is not None else 0)
+
+
+def _register_macs() -> None:
+    from ..flops import register_conv_macs
+
+    register_conv_macs(torch.ops.resnet_fused.bottleneck_forward, _bottleneck_macs)
+    register_conv_macs(torch.ops.resnet_fused.basic_block_forward, _basic_block_macs)
+
+
+_register_macs()
