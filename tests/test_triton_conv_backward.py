@@ -153,3 +153,14 @@ def test_wgrad_channels_last_output_is_the_same_gradient(gen, splits):
     assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
     assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
     assert torch.equal(cl, plain)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_wgrad_of_an_empty_batch_is_zero_in_the_asked_layout(channels_last):
+    from resnet_fused.triton.conv_backward import conv_wgrad
+
+    v, grad = torch.empty(0, 8, 5, 5), torch.empty(0, 12, 5, 5)
+    scale = shift = torch.ones(8)
+    d_w = conv_wgrad(grad, v, scale, shift, ksize=3, channels_last=channels_last)
+    assert d_w.shape == (12, 8, 3, 3) and not d_w.any()
+    assert d_w.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -243,8 +243,8 @@ def conv_wgrad(
     m = n * h_out * w_out
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if m == 0:  # an empty batch: no rows, a zero weight gradient (as eager gives)
-        return torch.zeros((c_out, cin_pg, ksize, ksize), dtype=grad.dtype, device=grad.device,
-                           memory_format=layout)
+        return torch.empty((c_out, cin_pg, ksize, ksize), dtype=grad.dtype, device=grad.device,
+                           memory_format=layout).zero_()
     if splits is None:
         splits = max(1, min(64, triton.cdiv(m, 4096)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
