@@ -46,22 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from .forward import NormInputs  # the pre-activation op's (its running-update fields unused here)
 from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, BNBackward, GradPrologue, KernelSet
 
 __all__ = ["PostActKernels", "TritonPostAct", "CudaPostAct", "postact_kernels", "postact_forward",
            "postact_backward", "NormInputs", "SavedNorm"]
-
-
-@dataclass
-class NormInputs:
-    """One BatchNorm's tensors as the op receives them."""
-
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
-    training: bool
-    eps: float
 
 
 @dataclass
