@@ -10,7 +10,8 @@ pre-activation of the saved BN input v) and xhat = (v - mean) * invstd:
 
 ``relu_grad_sums`` applies the mask and writes per-tile partials of the two sums (fixed-order
 merge later: deterministic, no atomics); ``bn_backward_coefficients`` reduces them into
-dgamma, dbeta, A, B, C; ``bn_backward_apply`` forms dv, optionally adding the shortcut's
+dgamma, dbeta, A, B, C (many partials: a chunk pass on a 2-D grid sums chunks of them first,
+``stats.split_grid``, and the coefficients kernel sums the chunks in order); ``bn_backward_apply`` forms dv, optionally adding the shortcut's
 gradient (identity, or TF-slim's subsample scattered back to the strided positions) in the same
 pass that writes dx.
 """
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from ..fused.kernel_set import BNBackward
 from .launch import launch
+from .stats import SPLIT_BLOCK_C, SPLIT_BLOCK_P, split_grid
 
 __all__ = ["relu_grad_sums", "bn_backward_coefficients", "bn_backward_apply", "BNBackward"]
 
@@ -72,6 +74,34 @@ def _relu_grad_sums_kernel(
         g += tl.load(extra_ptr + offs, mask=mask, other=0.0).to(ct)
     _relu_mask_store_sums(g, v_ptr, scale, shift_ptr, mean_ptr, invstd_ptr, out_ptr, part_ptr,
                           offs, mask, pid_m, cols, col_valid, C)
+
+
+@triton.jit
+def _bn_sums_chunk_kernel(
+    part_ptr, out_ptr,
+    P, C, CHUNK,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (channel block, chunk k) sums partials [k * CHUNK, (k + 1) * CHUNK) of both sums
+    [2, P, C] (blocks of BLOCK_P, each a fixed tree, added in order) into row k of ``out``
+    [2, chunks, C]."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(1)
+    col_valid = cols < C
+    s0 = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    s1 = tl.zeros([BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    plane = P * C
+    start = k * CHUNK
+    end = tl.minimum(start + CHUNK, P)
+    for p0 in range(start, end, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < end)[:, None] & col_valid[None, :]
+        offs = ps[:, None].to(tl.int64) * C + cols[None, :]
+        s0 += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
+        s1 += tl.sum(tl.load(part_ptr + plane + offs, mask=mask, other=0.0), axis=0)
+    offs = k * C + cols
+    tl.store(out_ptr + offs, s0, mask=col_valid)
+    tl.store(out_ptr + tl.num_programs(1) * C + offs, s1, mask=col_valid)
 
 
 @triton.jit
@@ -167,7 +197,15 @@ def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: 
 
 def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
                              count: int, training: bool, block_p: int = 64, block_c: int = 64) -> BNBackward:
+    """dgamma, dbeta and the coefficients A, B, C of dv = A g' + B v + C from the partial sums
+    [2, P, C]: one launch, or two when the partials are many (``stats.split_grid``)."""
     _, p, c = part.shape
+    n_cb, n_chunks, chunk = split_grid(p, c)
+    if n_chunks > 1:
+        sums = torch.empty((2, n_chunks, c), dtype=part.dtype, device=part.device)
+        launch(_bn_sums_chunk_kernel, (n_cb, n_chunks), part,
+               part, sums, p, c, chunk, BLOCK_P=SPLIT_BLOCK_P, BLOCK_C=SPLIT_BLOCK_C)
+        part, p = sums, n_chunks
     # Separate buffers: dgamma and dbeta are returned as gradients and must not alias.
     dgamma, dbeta, a, b, cc = (torch.empty(c, dtype=part.dtype, device=part.device) for _ in range(5))
     launch(_bn_backward_coefficients_kernel, (triton.cdiv(c, block_c),), part,
