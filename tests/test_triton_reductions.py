@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_parity, requires_triton
+from helpers import assert_parity, requires_cuda, requires_triton
 from resnet_fused.triton import configs
 from resnet_fused.triton.bn_backward import bn_backward_coefficients
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
@@ -239,3 +239,25 @@ def test_coefficients_few_partials_one_launch(gen):
     got = _coefficients(part, None, vec, vec, 30, True)
     assert "_bn_sums_chunk_kernel" not in launch_counts()
     torch.testing.assert_close(got[1].double(), part[0].double().sum(0), rtol=1e-6, atol=1e-6)
+
+
+@requires_cuda
+def test_real_shape_reductions_on_gpu_reproducible_and_exact():
+    """GPU, conv2_x's 64-channel norm at batch 256 (P = 6,272 partials of 128 rows): the split
+    finalize and coefficients, bit for bit across two runs, against float64."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    c, h = 64, 56
+    x = (torch.randn(256, c, h, h, device="cuda", generator=gen) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    part = channel_stats_partials(x)
+    assert part.shape[1] == 6272 and split_grid(6272, c)[0] * split_grid(6272, c)[1] >= H200_SMS
+    runs = [bn_finalize_stats(part, None, None, 1e-5) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    var32, mean32 = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert_parity(runs[0][0], mean32, mean, torch.float32, what="mean")
+    assert_parity(runs[0][1], var32, var, torch.float32, what="var")
+    sums = torch.randn(2, 12544, c, device="cuda", generator=gen)
+    vec = torch.rand(c, device="cuda", generator=gen) + 0.5
+    co = [_coefficients(sums, vec, vec, vec, 256 * h * h, True) for _ in range(2)]
+    assert torch.equal(co[0], co[1])
+    assert_parity(co[0][1], sums.sum(1)[0], sums.double().sum(1)[0], torch.float32, what="dbeta")
