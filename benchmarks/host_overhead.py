@@ -150,7 +150,8 @@ def format_table(rows: list[dict]) -> str:
         for name in names:
             keys = list(dict.fromkeys((r["impl"], r["level"]) for r in rows if r["name"] == name))
             for impl, level in keys:
-                by_mode = {r["mode"]: r["ms"] for r in rows if r["name"] == name and (r["impl"], r["level"]) == (impl, level)}
+                by_mode = {r["mode"]: r["ms"] for r in rows
+                           if r["name"] == name and (r["impl"], r["level"]) == (impl, level)}
                 cells = "".join(f"{by_mode[m]:>19.2f}" if m in by_mode else f"{'-':>19}" for m in modes)
                 label = "run" if impl == "eager" else f"skip:{level}"
                 out.append(f"{name:<40}{impl:<8}{label:<13}{cells}")

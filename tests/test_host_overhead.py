@@ -28,7 +28,8 @@ def test_main_writes_json(tmp_path, capsys):
     path = tmp_path / "host.json"
     threads = torch.get_num_threads()
     try:
-        assert host_overhead.main(["--model", "resnet_v2_50", "--no-blocks", "--repeats", "1", "--json", str(path)]) == 0
+        argv = ["--model", "resnet_v2_50", "--no-blocks", "--repeats", "1", "--json", str(path)]
+        assert host_overhead.main(argv) == 0
     finally:
         torch.set_num_threads(threads)  # main() sets 1 for the process
     data = json.loads(path.read_text())

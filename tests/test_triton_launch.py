@@ -7,11 +7,16 @@ the GPU test compares the lane with the normal launch bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import triton.language as tl
+from triton import knobs
 from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, native_specialize_impl
 
@@ -98,7 +103,7 @@ def lane(monkeypatch):
 
     monkeypatch.setattr(k, "run", run)
     monkeypatch.setattr(L, "_current_stream", lambda device: 1234)
-    monkeypatch.setattr(L, "device_guard", lambda t: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(L, "device_guard", lambda t: contextlib.nullcontext())
     monkeypatch.setattr(L, "_TRITON_VERSION", (3, 8))
     monkeypatch.delenv(L.FAST_LANE_ENV, raising=False)
     L.reset_fast_lane()
@@ -157,15 +162,19 @@ def test_fast_lane_off_switches(lane, monkeypatch):
     assert len(compiled.calls) == 1
 
 
-def test_fast_lane_yields_to_launch_hooks_and_pre_run_hooks(lane, monkeypatch):
-    from triton import knobs
+def test_fast_lane_yields_to_launch_hooks(lane, monkeypatch):
     k, compiled, normal = lane
     x = torch.empty(32)
     L.launch(k, (1,), _Guard(), x, 7, 0.5, B=4)
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+    with monkeypatch.context() as m:
+        m.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+        L.launch(k, (1,), _Guard(), x, 7, 0.5, B=4)
+    k.pre_run_hooks.append(lambda *a, **kw: None)
     L.launch(k, (1,), _Guard(), x, 7, 0.5, B=4)
-    monkeypatch.undo()
-    assert len(normal) == 2 and not compiled.calls
+    k.pre_run_hooks.clear()
+    assert len(normal) == 3 and not compiled.calls
+    L.launch(k, (1,), _Guard(), x, 7, 0.5, B=4)
+    assert len(compiled.calls) == 1
 
 
 def test_fast_lane_not_for_cpu_tensors_or_the_interpreter(lane):
@@ -220,26 +229,27 @@ def test_lane_kernels_read_no_globals():
     """A kernel reading module globals is left to the normal path (Triton re-checks them per
     call): the package's kernels must not, or the lane would never hold them. Checked on the
     compiled (non-interpreted) JITFunction in a fresh process."""
-    import subprocess
-    import sys
     code = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "import resnet_fused.triton.stats as s, resnet_fused.triton.bn_backward as b\n"
         "import resnet_fused.triton.conv as c, resnet_fused.triton.conv_backward as cb\n"
-        "import resnet_fused.triton.elementwise as e\n"
+        "import resnet_fused.triton.elementwise as e, resnet_fused.triton.postact_elementwise as pe\n"
+        "import resnet_fused.triton.postact_wgrad as pw\n"
         "from triton.runtime.jit import JITFunction\n"
-        "bad = []\n"
-        "for m in (s, b, c, cb, e):\n"
+        "bad, n = [], 0\n"
+        "for m in (s, b, c, cb, e, pe, pw):\n"
         "    for name in dir(m):\n"
         "        f = getattr(m, name)\n"
         "        if isinstance(f, JITFunction) and name.endswith('_kernel'):\n"
         "            f.cache_key\n"
+        "            n += 1\n"
         "            bad += [name] if f.used_global_vals else []\n"
-        "print('BAD', bad)\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+        "print('BAD', bad, 'OF', n)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "BAD []" in out.stdout, out.stdout
+    assert "BAD [] OF" in out.stdout, out.stdout
+    assert int(out.stdout.split("OF")[1]) >= 10, out.stdout  # every kernel module was read
 
 
 @requires_cuda
@@ -259,7 +269,6 @@ def test_fast_lane_matches_normal_launch_bitwise():
                                 momentum=None, update=True)
         return part, out, rm, rv, nbt
 
-    import os
     saved = os.environ.get(L.FAST_LANE_ENV)
     os.environ[L.FAST_LANE_ENV] = "0"
     try:

@@ -11,9 +11,9 @@ pre-activation of the saved BN input v) and xhat = (v - mean) * invstd:
 ``relu_grad_sums`` applies the mask and writes per-tile partials of the two sums (fixed-order
 merge later: deterministic, no atomics); ``bn_backward_coefficients`` reduces them into
 dgamma, dbeta, A, B, C (many partials: a chunk pass on a 2-D grid sums chunks of them first,
-``stats.split_grid``, and the coefficients kernel sums the chunks in order); ``bn_backward_apply`` forms dv, optionally adding the shortcut's
-gradient (identity, or TF-slim's subsample scattered back to the strided positions) in the same
-pass that writes dx.
+``stats.split_grid``, and the coefficients kernel sums the chunks in order);
+``bn_backward_apply`` forms dv, optionally adding the shortcut's gradient (identity, or
+TF-slim's subsample scattered back to the strided positions) in the same pass that writes dx.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ SPLIT_BLOCK_P = 16
 def split_grid(p: int, c: int, block_c: int = SPLIT_BLOCK_C) -> tuple[int, int, int]:
     """(channel blocks, chunks, partials per chunk) of the chunk pass over P partials of C
     channels: as many chunks as reach :data:`SPLIT_TARGET_PROGRAMS` programs, each of at least
-    :data:`SPLIT_MIN_CHUNK` partials (the last one may be shorter than the others). One chunk means no chunk
+    :data:`SPLIT_MIN_CHUNK` partials (the last one may be shorter). One chunk means no chunk
     pass: the finalize (or the coefficients kernel) reads the partials itself. Plain integer
     arithmetic, shared by the Triton launchers and the tests that check the grids."""
     n_cb = max(1, -(-c // block_c))
