@@ -33,25 +33,36 @@ def _specialization(a):
     return native_specialize_impl(BaseBackend, a, False, True, True)
 
 
-def test_arg_key_is_at_least_as_fine_as_triton_specialization():
-    """Two arguments with one fast-lane key always get one Triton specialisation."""
+def _key(*args, **meta):
+    return L.signature_key("k", 0, args, meta)
+
+
+def test_key_is_at_least_as_fine_as_triton_specialization():
+    """Two argument lists with one fast-lane key always get one Triton specialisation."""
     base = torch.empty(64, dtype=torch.float32)
     values = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 1, 2**31, 2**31 + 16, 2**40, 2**63, 2**63 + 1,
               0.0, 0.5, 1e30, True, False, None,
               base, base[1:], base[4:], base[8:], base.half(), base.half()[8:], base.double(), base.to(torch.int32)]
-    for a, b in itertools.combinations(values, 2):
-        if L._arg_key(a) == L._arg_key(b) and type(a) is type(b):
-            assert _specialization(a) == _specialization(b), (a, b)
-    # and it tells apart what Triton tells apart, where it matters
+    pairs = list(itertools.product(values, repeat=2))
+    for (a, b), (c, d) in itertools.combinations(pairs, 2):
+        if _key(a, b) == _key(c, d):
+            assert [_specialization(x) for x in (a, b)] == [_specialization(x) for x in (c, d)], (a, b, c, d)
+    # and it tells apart what Triton tells apart
     for a, b in [(1, 2), (16, 17), (2**31 - 16, 2**31), (2**62, 2**63), (base, base[1:]),
-                 (base, base.half()), (1, True), (0.5, 1)]:
-        assert L._arg_key(a) != L._arg_key(b), (a, b)
+                 (base, base.half()), (1, True), (0.5, 1), (2**31 + 1, 1)]:
+        assert _key(a) != _key(b), (a, b)
+        assert _specialization(a) != _specialization(b), (a, b)
+    assert _key(base, B=4) != _key(base, B=8) and _key(base, B=4) != _key(base, B=4, num_warps=8)
 
 
-def test_arg_key_rejects_what_it_cannot_describe():
+def test_key_rejects_what_it_cannot_describe():
     for a in ((1, 2), torch.float32, "s", object()):
         with pytest.raises(L._Unsupported):
-            L._arg_key(a)
+            _key(a)
+    w = torch.nn.Parameter(torch.empty(8))
+    assert _key(w) == _key(w.detach()) and _specialization(w) == _specialization(w.detach())
+    with pytest.raises(TypeError):
+        _key(1, B=[1])
 
 
 def _jit():

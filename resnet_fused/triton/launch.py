@@ -63,36 +63,50 @@ class _Unsupported(Exception):
     """An argument the fast lane's key does not describe: the launch takes the normal path."""
 
 
-def _arg_key(a: Any) -> Any:
-    """What Triton's specialisation of one non-constexpr argument depends on (triton 3.6-3.8):
-    a tensor's dtype and whether its address is 16-byte aligned; an int's type (i32, i64 or
-    u64, by range), whether it is 1 (made a constant) and whether it is divisible by 16; a
-    float or a bool only by its kind; None is a constant. The key may be finer than Triton's,
-    never coarser."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    t = type(a)
-    if t is int:
-        return ("i", a == 1, a % 16 == 0, -2**31 <= a < 2**31, a >= 2**63)
-    if t is float:
-        return "f"
-    if t is bool:
-        return "b"
-    if a is None:
-        return None
-    raise _Unsupported(t.__name__)
+_Tensor = torch.Tensor
 
 
 def signature_key(kernel: Any, device: int, args: tuple, meta: dict) -> tuple:
-    """The fast lane's cache key: the kernel, the device index, each positional argument's
-    :func:`_arg_key`, the keyword arguments (constexprs and launch options such as
-    ``num_warps``) by value, and the two knobs ``JITFunction.run`` adds to the options (debug,
-    instrumentation mode). Raises ``_Unsupported`` (or TypeError, for an unhashable keyword)
-    where the key cannot describe the call."""
-    key = (kernel, device, tuple(_arg_key(a) for a in args), tuple(meta.items()),
-           knobs.runtime.debug, knobs.compilation.instrumentation_mode)
-    hash(key)
-    return key
+    """The fast lane's cache key, one flat tuple: the kernel, the device index, the two knobs
+    ``JITFunction.run`` adds to the options (debug, instrumentation mode), one record per
+    positional argument, then the keyword arguments (constexprs and launch options such as
+    ``num_warps``) by value.
+
+    A record holds what Triton's specialisation of the argument depends on (triton 3.6-3.8):
+    a tensor's dtype and whether its address is 16-byte aligned (two entries); an int's code:
+    -1 for 1 (made a constant), else 16 if divisible by 16, plus 0 / 1 / 2 for i32 / i64 / u64
+    by range; ``"f"`` for a float, ``"b"`` for a bool, None for None. Each record's first entry
+    tells its kind, so equal keys mean equal records: the key may be finer than Triton's,
+    never coarser. Raises ``_Unsupported`` for another kind of argument (a tuple, a dtype),
+    TypeError for an unhashable keyword value."""
+    key = [kernel, device, knobs.runtime.debug, knobs.compilation.instrumentation_mode]
+    append = key.append
+    for a in args:
+        t = type(a)
+        if t is _Tensor:
+            append(a.dtype)
+            append(a.data_ptr() & 15 == 0)
+        elif t is int:
+            if a == 1:
+                append(-1)
+            else:
+                append((16 if a & 15 == 0 else 0)
+                       + (0 if -0x80000000 <= a < 0x80000000 else 2 if a >= 0x8000000000000000 else 1))
+        elif t is float:
+            append("f")
+        elif t is bool:
+            append("b")
+        elif a is None:
+            append(None)
+        elif isinstance(a, _Tensor):  # nn.Parameter: Triton takes any object with data_ptr alike
+            append(a.dtype)
+            append(a.data_ptr() & 15 == 0)
+        else:
+            raise _Unsupported(t.__name__)
+    key += meta.items()
+    out = tuple(key)
+    hash(out)
+    return out
 
 
 class _Entry:
