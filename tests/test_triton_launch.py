@@ -115,6 +115,7 @@ def lane(monkeypatch):
     monkeypatch.setattr(k, "run", run)
     monkeypatch.setattr(L, "_current_stream", lambda device: 1234)
     monkeypatch.setattr(L, "device_guard", lambda t: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the guard's device is current
     monkeypatch.setattr(L, "_TRITON_VERSION", (3, 8))
     monkeypatch.delenv(L.FAST_LANE_ENV, raising=False)
     L.reset_fast_lane()

@@ -45,11 +45,14 @@ FAST_LANE_VERSIONS = frozenset({(3, 6), (3, 7), (3, 8)})
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
-def _current_stream(device: torch.device) -> int:
-    """The raw current stream of ``device`` (what Triton's driver queries for each launch)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device.index if device.index is not None else torch.cuda.current_device())
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _current_stream(device: int) -> int:
+    """The raw current stream of CUDA device ``device`` (what Triton's driver queries for each
+    launch)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device)
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -166,13 +169,14 @@ def _tail(kernel: JITFunction, n_args: int, meta: dict) -> Optional[tuple]:
 
 
 def _launch_triton(kernel: Any, grid: tuple, guard: torch.Tensor, args: tuple, meta: dict) -> None:
-    """One launch inside ``guard``'s device: the fast lane if it holds the call, else
+    """One launch with ``guard``'s device current: the fast lane if it holds the call, else
     ``kernel[grid](...)``, recording the compiled kernel for the next call."""
     if not (isinstance(kernel, JITFunction) and type(grid) is tuple and guard.is_cuda and fast_lane_enabled()):
         kernel[grid](*args, **meta)
         return
+    device = guard.get_device()
     try:
-        key = signature_key(kernel, guard.get_device(), args, meta)
+        key = signature_key(kernel, device, args, meta)
     except (_Unsupported, TypeError):
         kernel[grid](*args, **meta)
         return
@@ -180,7 +184,7 @@ def _launch_triton(kernel: Any, grid: tuple, guard: torch.Tensor, args: tuple, m
     if entry is not None and not kernel.pre_run_hooks and not _hooks_installed():
         n = len(grid)
         entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-                  _current_stream(guard.device), entry.function, entry.packed_metadata,
+                  _current_stream(device), entry.function, entry.packed_metadata,
                   None, None, None, *args, *entry.tail)
         return
     compiled = kernel[grid](*args, **meta)
@@ -238,8 +242,11 @@ def launch(kernel: Any, grid: tuple, guard: torch.Tensor, *args: Any, **meta: An
         with torch.profiler.record_function(_SCOPE + name), device_guard(guard):
             _launch_triton(kernel, grid, guard, args, meta)
         return
-    with device_guard(guard):
-        _launch_triton(kernel, grid, guard, args, meta)
+    if guard.is_cuda and guard.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(guard.device):
+            _launch_triton(kernel, grid, guard, args, meta)
+        return
+    _launch_triton(kernel, grid, guard, args, meta)  # the device is current already (or CPU)
 
 
 def launch_counts() -> Counter:
