@@ -62,7 +62,7 @@ def test_key_rejects_what_it_cannot_describe():
     w = torch.nn.Parameter(torch.empty(8))
     assert _key(w) == _key(w.detach()) and _specialization(w) == _specialization(w.detach())
     with pytest.raises(TypeError):
-        _key(1, B=[1])
+        hash(_key(1, B=[1]))
 
 
 def _jit():
@@ -169,7 +169,8 @@ def test_fast_lane_off_switches(lane, monkeypatch):
     monkeypatch.setattr(L, "_TRITON_VERSION", (3, 8))
     L.launch(k, (1,), _Guard(), x, (7,), 0.5, B=4)  # a tuple argument
     L.launch(k, lambda meta: (1,), _Guard(), x, 7, 0.5, B=4)  # a callable grid
-    assert len(normal) == 5 and not compiled.calls
+    L.launch(k, (1,), _Guard(), x, 7, 0.5, B=[4])  # an unhashable keyword
+    assert len(normal) == 6 and not compiled.calls
     L.launch(k, (1,), _Guard(), x, 7, 0.5, B=4)
     assert len(compiled.calls) == 1
 

@@ -80,8 +80,8 @@ def signature_key(kernel: Any, device: int, args: tuple, meta: dict) -> tuple:
     -1 for 1 (made a constant), else 16 if divisible by 16, plus 0 / 1 / 2 for i32 / i64 / u64
     by range; ``"f"`` for a float, ``"b"`` for a bool, None for None. Each record's first entry
     tells its kind, so equal keys mean equal records: the key may be finer than Triton's,
-    never coarser. Raises ``_Unsupported`` for another kind of argument (a tuple, a dtype),
-    TypeError for an unhashable keyword value."""
+    never coarser. Raises ``_Unsupported`` for another kind of argument (a tuple, a dtype); an
+    unhashable keyword value makes the key unhashable (TypeError at the lookup)."""
     key = [kernel, device, knobs.runtime.debug, knobs.compilation.instrumentation_mode]
     append = key.append
     for a in args:
@@ -107,9 +107,7 @@ def signature_key(kernel: Any, device: int, args: tuple, meta: dict) -> tuple:
         else:
             raise _Unsupported(t.__name__)
     key += meta.items()
-    out = tuple(key)
-    hash(out)
-    return out
+    return tuple(key)
 
 
 class _Entry:
@@ -177,10 +175,10 @@ def _launch_triton(kernel: Any, grid: tuple, guard: torch.Tensor, args: tuple, m
     device = guard.get_device()
     try:
         key = signature_key(kernel, device, args, meta)
+        entry = _FAST.get(key)
     except (_Unsupported, TypeError):
         kernel[grid](*args, **meta)
         return
-    entry = _FAST.get(key)
     if entry is not None and not kernel.pre_run_hooks and not _hooks_installed():
         n = len(grid)
         entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
