@@ -40,7 +40,7 @@ _SKIP: list[Optional[str]] = [None]
 #: Set to "0" to send every launch through ``kernel[grid](...)``.
 FAST_LANE_ENV = "RESNET_FUSED_TRITON_FAST_LAUNCH"
 #: Triton (major, minor) versions whose ``JITFunction.run`` / ``CompiledKernel.run`` calling
-#: convention the fast lane reproduces (read from their sources: 3.6.0 and 3.8).
+#: convention the fast lane reproduces (read from their sources: 3.6.0, 3.7.0 and 3.8).
 FAST_LANE_VERSIONS = frozenset({(3, 6), (3, 7), (3, 8)})
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
