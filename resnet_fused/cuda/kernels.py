@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, GradPrologue
+from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, BNBackward, GradPrologue
 
 __all__ = ["SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "GradPrologue", "bn_relu_conv", "conv_dgrad",
            "conv_wgrad", "bn_relu_apply", "relu_grad_sums", "bn_backward_apply", "channel_stats_partials",
+           "finalize_stats", "bn_backward_coefficients", "postact_out", "postact_out_backward", "plain_conv_wgrad",
            "launch_counts", "reset_launch_counts"]
 
 
@@ -183,3 +184,56 @@ def channel_stats_partials(x: Tensor) -> Tensor:
     ops = _ops()
     _LAUNCHES["stats_partials_cuda"] += 1
     return ops.stats_partials_cuda(x)
+
+
+# --- per-channel reductions (csrc/cuda/bn_reduce.cu) ------------------------------------------
+
+
+def finalize_stats(
+    part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,
+    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+    update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None,
+    count: Optional[int] = None,
+) -> Tensor:
+    """[5, C] = (mean, biased var, invstd, scale, shift) of one BatchNorm, one C++ op call
+    (same contract as ``resnet_fused.triton.stats.bn_finalize_stats``)."""
+    raise NotImplementedError("resnet_fused.cuda.kernels.finalize_stats")
+
+
+def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, count: int,
+                             training: bool) -> BNBackward:
+    """(dgamma, dbeta, A, B, C) of one BatchNorm's backward from the partial sums [2, P, C]
+    (same contract as ``resnet_fused.triton.bn_backward.bn_backward_coefficients``)."""
+    raise NotImplementedError("resnet_fused.cuda.kernels.bn_backward_coefficients")
+
+
+# --- post-activation closing pass and first-conv weight gradient ------------------------------
+
+
+def postact_out(y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor, sc_scale: Optional[Tensor] = None,
+                sc_shift: Optional[Tensor] = None) -> Tensor:
+    """relu(y * scale + shift + sc) (identity) or relu(y * scale + shift + sc * sc_scale + sc_shift)
+    (projection), per channel, channels_last, in y's dtype (same contract as
+    ``resnet_fused.triton.postact_elementwise.postact_out``)."""
+    raise NotImplementedError("resnet_fused.cuda.kernels.postact_out")
+
+
+def postact_out_backward(
+    grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, sc: Tensor,
+    sc_scale: Optional[Tensor] = None, sc_shift: Optional[Tensor] = None, sc_mean: Optional[Tensor] = None,
+    sc_invstd: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(g' = grad * [z > 0], partial sums [2, P, C] over y, partial sums [2, P, C] over the
+    projection's yd or None); same contract as the Triton ``postact_out_backward``."""
+    raise NotImplementedError("resnet_fused.cuda.kernels.postact_out_backward")
+
+
+def plain_conv_wgrad(
+    grad: Tensor, x: Tensor, *, ksize: int = 1, stride: int = 1, prologue: Optional[GradPrologue] = None,
+    stats_dtype: torch.dtype = torch.float32, splits: Optional[int] = None,
+) -> Tensor:
+    """dW (C_out, C_in, k, k) of ``conv2d(x, W, stride, padding=k // 2)`` from its output gradient
+    (BN-backward ``prologue`` applied first), no BN+ReLU on x; same contract as the Triton
+    ``plain_conv_wgrad``."""
+    raise NotImplementedError("resnet_fused.cuda.kernels.plain_conv_wgrad")
