@@ -146,7 +146,7 @@ struct ConvWgradParams {
   const void* pro_b;
   const void* pro_c;
   const void* v;      // [N, H, W, C_in]
-  const void* scale;
+  const void* scale;  // null (with shift): no BN+ReLU on v
   const void* shift;
   void* workspace;    // [splits, C_out, C_in/groups, k*k] in the accumulation type
   void* dw;           // (C_out, C_in/groups, k, k) in the grad dtype

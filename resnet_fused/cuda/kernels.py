@@ -197,15 +197,38 @@ def finalize_stats(
     count: Optional[int] = None,
 ) -> Tensor:
     """[5, C] = (mean, biased var, invstd, scale, shift) of one BatchNorm, one C++ op call
-    (same contract as ``resnet_fused.triton.stats.bn_finalize_stats``)."""
-    raise NotImplementedError("resnet_fused.cuda.kernels.finalize_stats")
+    (same contract as ``resnet_fused.triton.stats.bn_finalize_stats``).
+
+    From the partials [3, P, C] (train), or from the running statistics (``from_running``: an
+    eval or frozen norm; ``part`` may be None, ``dtype`` then gives the statistics dtype, default
+    fp32, fp64 for fp64 buffers). With ``update`` the same op moves ``running_mean`` /
+    ``running_var`` with nn.BatchNorm2d's formulas (unbiased variance; an empty batch moves
+    nothing) and adds 1 to ``num_batches_tracked``; ``momentum=None`` is the cumulative average,
+    its factor 1 / num_batches_tracked computed on the device (fp32, fp64 for fp64 buffers). No
+    host synchronisation. ``count`` is accepted for the KernelSet interface; the kernel merges
+    the partials' own counts.
+    """
+    ops = _ops()
+    has_running = running_mean is not None and running_mean.numel() > 0
+    update = update and not from_running and has_running
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    keep_running = update or from_running
+    _LAUNCHES["bn_finalize_cuda"] += 1
+    return ops.bn_finalize_cuda(
+        part, weight, bias, running_mean if keep_running else None, running_var if keep_running else None,
+        num_batches_tracked if update else None, float(eps), None if momentum is None else float(momentum),
+        update, from_running, dtype)
 
 
 def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, count: int,
                              training: bool) -> BNBackward:
     """(dgamma, dbeta, A, B, C) of one BatchNorm's backward from the partial sums [2, P, C]
-    (same contract as ``resnet_fused.triton.bn_backward.bn_backward_coefficients``)."""
-    raise NotImplementedError("resnet_fused.cuda.kernels.bn_backward_coefficients")
+    (same contract as ``resnet_fused.triton.bn_backward.bn_backward_coefficients``); ``count`` is
+    the values per channel, ``training`` False (a frozen norm) gives B = C = 0."""
+    ops = _ops()
+    _LAUNCHES["bn_backward_coefficients_cuda"] += 1
+    return BNBackward(*ops.bn_backward_coefficients_cuda(part, weight, mean, invstd, float(count), bool(training)))
 
 
 # --- post-activation closing pass and first-conv weight gradient ------------------------------
@@ -216,7 +239,10 @@ def postact_out(y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor, sc_scale: O
     """relu(y * scale + shift + sc) (identity) or relu(y * scale + shift + sc * sc_scale + sc_shift)
     (projection), per channel, channels_last, in y's dtype (same contract as
     ``resnet_fused.triton.postact_elementwise.postact_out``)."""
-    raise NotImplementedError("resnet_fused.cuda.kernels.postact_out")
+    ops = _ops()
+    dtype = y.dtype
+    _LAUNCHES["postact_out_cuda"] += 1
+    return ops.postact_out_cuda(y, scale, shift, sc.to(dtype), sc_scale, sc_shift)
 
 
 def postact_out_backward(
@@ -225,8 +251,14 @@ def postact_out_backward(
     sc_invstd: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(g' = grad * [z > 0], partial sums [2, P, C] over y, partial sums [2, P, C] over the
-    projection's yd or None); same contract as the Triton ``postact_out_backward``."""
-    raise NotImplementedError("resnet_fused.cuda.kernels.postact_out_backward")
+    projection's yd or None); same contract as the Triton ``postact_out_backward``. ``sc_*`` all
+    given (a projection with its BN) or all None (identity)."""
+    ops = _ops()
+    dtype = grad.dtype
+    _LAUNCHES["postact_out_backward_cuda"] += 1
+    out, sums, sc_sums = ops.postact_out_backward_cuda(grad, y.to(dtype), scale, shift, mean, invstd, sc.to(dtype),
+                                                       sc_scale, sc_shift, sc_mean, sc_invstd)
+    return out, sums, (sc_sums if sc_scale is not None else None)
 
 
 def plain_conv_wgrad(
@@ -235,5 +267,11 @@ def plain_conv_wgrad(
 ) -> Tensor:
     """dW (C_out, C_in, k, k) of ``conv2d(x, W, stride, padding=k // 2)`` from its output gradient
     (BN-backward ``prologue`` applied first), no BN+ReLU on x; same contract as the Triton
-    ``plain_conv_wgrad``."""
-    raise NotImplementedError("resnet_fused.cuda.kernels.plain_conv_wgrad")
+    ``plain_conv_wgrad``; groups 1). The C++ wgrad with its input prologue off; it accumulates in
+    fp32 (fp64 for fp64 data) whatever ``stats_dtype`` says, which only the Triton kernel reads."""
+    ops = _ops()
+    dtype = grad.dtype
+    y, a, b, c = _prologue(prologue, dtype)
+    _LAUNCHES["conv_wgrad_cuda"] += 1
+    return ops.conv_wgrad_cuda(grad, x.to(dtype), None, None, ksize, stride, 1, y, a, b, c,
+                               0 if splits is None else splits)
