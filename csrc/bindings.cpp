@@ -251,6 +251,25 @@ GradPrologueTensors grad_prologue(const char* op, const at::Tensor& grad, const 
   return out;
 }
 
+// Eval-mode BatchNorms of the forward read from their buffers (ConvFwdParams): per affine, the
+// running mean and variance and eps; the matching scale/shift arguments are the norm's weight and
+// bias (or None).
+struct FwdEvalNorms {
+  OptTensor pro_mean, pro_var, proj_mean, proj_var, post_mean, post_var;
+  double pro_eps = 0.0, proj_eps = 0.0, post_eps = 0.0;
+};
+
+// mean and var of one eval-mode norm: both or neither, `channels` values each.
+void eval_norm(const char* op, const char* prefix, const OptTensor& mean, const OptTensor& var, int64_t channels,
+               const at::Tensor& ref, OptTensor& mean_out, OptTensor& var_out) {
+  TORCH_CHECK(mean.has_value() == var.has_value(), op, ": pass both ", prefix, "_mean and ", prefix,
+              "_var (an eval-mode norm's running statistics) or neither");
+  if (!mean) return;
+  const std::string m = std::string(prefix) + "_mean", v = std::string(prefix) + "_var";
+  mean_out = channel_vector(op, m.c_str(), *mean, channels, ref);
+  var_out = channel_vector(op, v.c_str(), *var, channels, ref);
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor& x_in, const at::Tensor& w_in,
                                                  const OptTensor& scale, const OptTensor& shift, int64_t stride,
                                                  int64_t groups, const OptTensor& shortcut, int64_t shortcut_kind,
@@ -258,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
                                                  const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                  bool emit_stats, const OptTensor& post_scale,
                                                  const OptTensor& post_shift, int64_t algo,
+                                                 const FwdEvalNorms& norms = {},
                                                  int64_t test_fault = kWmmaFaultNone) {
   const char* op = test_fault != kWmmaFaultNone ? "resnet_fused._test_fault_wmma_conv_fwd" : "resnet_fused.conv_fwd";
   const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
@@ -291,8 +311,11 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
               ": shortcut_kind must be 0 (none), 1 (add) or 2 (projection), got ", shortcut_kind);
   TORCH_CHECK(shortcut_kind != 0 || !shortcut.has_value(), op,
               ": a shortcut tensor was given with shortcut_kind=0 (none); pass 1 (add) or 2 (projection)");
-  TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale), op,
-              ": proj_w / proj_scale / proj_shift are only used with shortcut_kind=2 (projection)");
+  TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale || norms.proj_mean), op,
+              ": proj_w / proj_scale / proj_shift / proj_mean are only used with shortcut_kind=2 (projection)");
+  OptTensor pro_m, pro_v, proj_m, proj_v, post_m, post_v;
+  eval_norm(op, "pro", norms.pro_mean, norms.pro_var, C_in, x_in, pro_m, pro_v);
+  eval_norm(op, "post", norms.post_mean, norms.post_var, C_out, x_in, post_m, post_v);
   int64_t H_sc = 1, W_sc = 1, C_sc = 0;
   if (shortcut_kind != 0) {
     TORCH_CHECK(shortcut.has_value(), op, ": shortcut_kind=", shortcut_kind, " needs a shortcut tensor");
@@ -318,6 +341,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
         p_scale = channel_vector(op, "proj_scale", *proj_scale, C_sc, x_in);
         p_shift = channel_vector(op, "proj_shift", *proj_shift, C_sc, x_in);
       }
+      eval_norm(op, "proj", norms.proj_mean, norms.proj_var, C_sc, x_in, proj_m, proj_v);
     }
   }
 
@@ -357,6 +381,15 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.partials = emit_stats ? partials.mutable_data_ptr() : nullptr;
   p.post_scale = ptr_or_null(post_s);
   p.post_shift = ptr_or_null(post_b);
+  p.pro_mean = ptr_or_null(pro_m);
+  p.pro_var = ptr_or_null(pro_v);
+  p.pro_eps = norms.pro_eps;
+  p.proj_mean = ptr_or_null(proj_m);
+  p.proj_var = ptr_or_null(proj_v);
+  p.proj_eps = norms.proj_eps;
+  p.post_mean = ptr_or_null(post_m);
+  p.post_var = ptr_or_null(post_v);
+  p.post_eps = norms.post_eps;
   p.algo = static_cast<int>(algo);
 
   run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); }, [&] {
@@ -527,9 +560,24 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
                                                   int64_t shortcut_stride, const OptTensor& proj_w,
                                                   const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                   bool emit_stats, const OptTensor& post_scale,
-                                                  const OptTensor& post_shift, int64_t algo) {
+                                                  const OptTensor& post_shift, int64_t algo,
+                                                  const OptTensor& pro_mean, const OptTensor& pro_var,
+                                                  double pro_eps, const OptTensor& proj_mean,
+                                                  const OptTensor& proj_var, double proj_eps,
+                                                  const OptTensor& post_mean, const OptTensor& post_var,
+                                                  double post_eps) {
+  FwdEvalNorms norms;
+  norms.pro_mean = pro_mean;
+  norms.pro_var = pro_var;
+  norms.pro_eps = pro_eps;
+  norms.proj_mean = proj_mean;
+  norms.proj_var = proj_var;
+  norms.proj_eps = proj_eps;
+  norms.post_mean = post_mean;
+  norms.post_var = post_var;
+  norms.post_eps = post_eps;
   return conv_fwd_impl(kCuda, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
-                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo);
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, norms);
 }
 
 // TEST ONLY, CPU only: conv_fwd through a copy of the forward's WMMA multiply phase with a
@@ -545,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor> test_fault_wmma_conv_fwd_entry(
   TORCH_CHECK(fault >= 1 && fault <= kWmmaFaultLast, "resnet_fused._test_fault_wmma_conv_fwd: fault must be 1..",
               kWmmaFaultLast, ", got ", fault);
   return conv_fwd_impl(false, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
-                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, fault);
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, FwdEvalNorms{}, fault);
 }
 
 // (mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment) performed by the host WMMA shim.
@@ -840,7 +888,7 @@ at::Tensor bn_finalize_entry(const OptTensor& part_in, const OptTensor& weight_i
   const auto acc_options = at::TensorOptions().dtype(acc).device(device);
   at::Tensor out = at::empty({5, C}, acc_options);
   const ReducePlan plan = reduce_plan(P, C);
-  at::Tensor workspace = at::empty({from_running ? 0 : 3 * plan.chunks * C}, acc_options);
+  at::Tensor workspace = at::empty({from_running ? 0 : 3 * plan.chunks * C}, acc_options.dtype(at::kDouble));
   OptTensor snapshot;
   if (update && num_batches_tracked.has_value()) snapshot = at::empty({1}, acc_options.dtype(at::kLong));
   BnFinalizeParams p{};
@@ -888,7 +936,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   at::Tensor dgamma = at::empty({C}, acc_options), dbeta = at::empty({C}, acc_options);
   at::Tensor a = at::empty({C}, acc_options), b = at::empty({C}, acc_options), c = at::empty({C}, acc_options);
   const ReducePlan plan = reduce_plan(P, C);
-  at::Tensor workspace = at::empty({2 * plan.chunks * C}, acc_options);
+  at::Tensor workspace = at::empty({2 * plan.chunks * C}, acc_options.dtype(at::kDouble));
   BnBackwardCoefParams p{part.const_data_ptr(), ptr_or_null(weight), mean.const_data_ptr(), invstd.const_data_ptr(),
                          dgamma.mutable_data_ptr(), dbeta.mutable_data_ptr(), a.mutable_data_ptr(),
                          b.mutable_data_ptr(), c.mutable_data_ptr(), workspace.mutable_data_ptr(), P, C, count,
@@ -924,8 +972,10 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, int groups, "
       "Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, Tensor? proj_scale, "
-      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0) "
-      "-> (Tensor out, Tensor partials)");
+      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0, "
+      "Tensor? pro_mean=None, Tensor? pro_var=None, float pro_eps=0., Tensor? proj_mean=None, "
+      "Tensor? proj_var=None, float proj_eps=0., Tensor? post_mean=None, Tensor? post_var=None, "
+      "float post_eps=0.) -> (Tensor out, Tensor partials)");
   m.def(
       "conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, Tensor mean, "
       "Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "

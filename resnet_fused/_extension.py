@@ -166,7 +166,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("resnet_fused::conv_fwd_cuda")
     def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
-                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0):
+                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0,
+                            pro_mean=None, pro_var=None, pro_eps=0.0, proj_mean=None, proj_var=None, proj_eps=0.0,
+                            post_mean=None, post_var=None, post_eps=0.0):
         torch._check(x.dim() == 4 and w.dim() == 4,
                      lambda: "resnet_fused.conv_fwd: x and w must be 4-D")
         n, _, h, wd = x.shape

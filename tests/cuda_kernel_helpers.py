@@ -470,7 +470,9 @@ SCHEMAS = {
     "conv_fwd_cuda": "resnet_fused::conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, "
                      "int groups, Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, "
                      "Tensor? proj_scale, Tensor? proj_shift, bool emit_stats, Tensor? post_scale, "
-                     "Tensor? post_shift, int algo=0) -> (Tensor out, Tensor partials)",
+                     "Tensor? post_shift, int algo=0, Tensor? pro_mean=None, Tensor? pro_var=None, float pro_eps=0., "
+                     "Tensor? proj_mean=None, Tensor? proj_var=None, float proj_eps=0., Tensor? post_mean=None, "
+                     "Tensor? post_var=None, float post_eps=0.) -> (Tensor out, Tensor partials)",
     "conv_dgrad_cuda": "resnet_fused::conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, "
                        "Tensor mean, Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, "
                        "Tensor? pro_b, Tensor? pro_c, Tensor? second_grad, Tensor? second_w, int second_stride) "

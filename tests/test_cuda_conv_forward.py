@@ -133,3 +133,61 @@ def test_forward_is_deterministic(kernels, gen):
     second = kernels.bn_relu_conv(x, w, **kw)
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _eval_norm(gen, channels, affine=True):
+    """An eval-mode BatchNorm's (weight, bias, running_mean, running_var), weight/bias None without affine."""
+    mean = torch.randn(channels, generator=gen) * 0.5
+    var = torch.rand(channels, generator=gen) + 0.25
+    if not affine:
+        return None, None, mean, var
+    return torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen) * 0.3, mean, var
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("ksize, stride, algo", [(1, 1, "auto"), (3, 1, "halo"), (3, 2, "per_tap"), (3, 2, "halo")])
+def test_forward_eval_affines_from_running_stats(kernels, ksize, stride, algo, affine, gen):
+    # The kernel forms scale = weight / sqrt(var + eps), shift = bias - mean * scale itself for the
+    # prologue, the projection's input and the post epilogue; the same conv with the affines
+    # finalized from the running statistics first must give the same bits.
+    x = _data(gen, (2, 6, 7, 7), torch.float32)
+    w = _weight(gen, (8, 6, ksize, ksize), torch.float32)
+    h_out = (7 + 2 * (ksize // 2) - ksize) // stride + 1
+    sc = _data(gen, (2, 5, (h_out - 1) * stride + 1, (h_out - 1) * stride + 1), torch.float32)
+    pw = _weight(gen, (8, 5, 1, 1), torch.float32)
+    norms = {name: _eval_norm(gen, c, affine) for name, c in (("pro", 6), ("proj", 5), ("post", 8))}
+    eps = {"pro": 1e-5, "proj": 1e-3, "post": 2e-5}
+
+    def materialized(name):
+        wt, b, m, v = norms[name]
+        out = kernels.finalize_stats(None, wt, b, eps[name], running_mean=m, running_var=v, from_running=True)
+        return out[3], out[4]
+
+    (s, b), (ps, pb), (qs, qb) = materialized("pro"), materialized("proj"), materialized("post")
+    common = dict(stride=stride, shortcut=sc, shortcut_kind=2, shortcut_stride=stride, proj_weight=pw,
+                  emit_stats=True, conv3x3_algo=algo)
+    ref, ref_part = kernels.bn_relu_conv(x, w, scale=s, shift=b, proj_scale=ps, proj_shift=pb, post_scale=qs,
+                                         post_shift=qb, **common)
+    kernels.reset_launch_counts()
+    out, part = kernels.bn_relu_conv(
+        x, w, scale=norms["pro"][0], shift=norms["pro"][1], proj_scale=norms["proj"][0],
+        proj_shift=norms["proj"][1], post_scale=norms["post"][0], post_shift=norms["post"][1],
+        scale_stats=(norms["pro"][2], norms["pro"][3], eps["pro"]),
+        proj_stats=(norms["proj"][2], norms["proj"][3], eps["proj"]),
+        post_stats=(norms["post"][2], norms["post"][3], eps["post"]), **common)
+    assert kernels.launch_counts() == {"conv_fwd_cuda": 1}
+    assert torch.equal(out, ref) and torch.equal(part, ref_part)
+    # And the result is not the un-normalised conv: the affines did something.
+    plain, _ = kernels.bn_relu_conv(x, w, **common)
+    assert not torch.allclose(plain, out)
+
+
+def test_forward_eval_stats_need_mean_and_var(ops, gen):
+    x = _data(gen, (1, 3, 4, 4), torch.float32)
+    w = _weight(gen, (4, 3, 1, 1), torch.float32)
+    with pytest.raises(RuntimeError, match="pass both pro_mean and pro_var"):
+        ops.conv_fwd_cuda(x, w, None, None, 1, 1, None, 0, 1, None, None, None, False, None, None, 0,
+                          torch.zeros(3), None, 1e-5)
+    with pytest.raises(RuntimeError, match="pro_mean must be a 1-D tensor of 3"):
+        ops.conv_fwd_cuda(x, w, None, None, 1, 1, None, 0, 1, None, None, None, False, None, None, 0,
+                          torch.zeros(4), torch.ones(4), 1e-5)

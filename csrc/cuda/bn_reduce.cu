@@ -17,16 +17,21 @@ static_assert(kReduceChannels * kReduceLanes == kThreads, "one reduction block i
 
 // ---- the two states: Welford (count, mean, M2) and plain sums -------------------------------
 
+// (count, mean, M2) merged by Chan's formula, carried in fp64 whatever the partials' type and
+// rounded once at the end (Ws: the chunk states between the two kernels).
 template <typename Acc_>
 struct StatsState {
   using Acc = Acc_;
-  using State = WelfordState<Acc>;
-  static RF_HD State identity() { return State{Acc(0), Acc(0), Acc(0)}; }
+  using State = WelfordState<double>;
+  using Ws = double;
+  static RF_HD State identity() { return State{0.0, 0.0, 0.0}; }
   static RF_HD State merge(const State& a, const State& b) { return chan_merge(a, b); }
-  static RF_HD State load(const Acc* src, int64_t plane, int64_t at) {
-    return State{src[at], src[plane + at], src[2 * plane + at]};
+  template <typename Src>
+  static RF_HD State load(const Src* src, int64_t plane, int64_t at) {
+    return State{static_cast<double>(src[at]), static_cast<double>(src[plane + at]),
+                 static_cast<double>(src[2 * plane + at])};
   }
-  static RF_HD void store(Acc* dst, int64_t plane, int64_t at, const State& s) {
+  static RF_HD void store(Ws* dst, int64_t plane, int64_t at, const State& s) {
     dst[at] = s.count;
     dst[plane + at] = s.mean;
     dst[2 * plane + at] = s.m2;
@@ -38,14 +43,19 @@ struct SumPair {
   Acc s0, s1;
 };
 
+// Plain sums, carried in fp64 whatever the partials' type (rounded once, at the end).
 template <typename Acc_>
 struct SumsState {
   using Acc = Acc_;
-  using State = SumPair<Acc>;
-  static RF_HD State identity() { return State{Acc(0), Acc(0)}; }
+  using State = SumPair<double>;
+  using Ws = double;
+  static RF_HD State identity() { return State{0.0, 0.0}; }
   static RF_HD State merge(const State& a, const State& b) { return State{a.s0 + b.s0, a.s1 + b.s1}; }
-  static RF_HD State load(const Acc* src, int64_t plane, int64_t at) { return State{src[at], src[plane + at]}; }
-  static RF_HD void store(Acc* dst, int64_t plane, int64_t at, const State& s) {
+  template <typename Src>
+  static RF_HD State load(const Src* src, int64_t plane, int64_t at) {
+    return State{static_cast<double>(src[at]), static_cast<double>(src[plane + at])};
+  }
+  static RF_HD void store(Ws* dst, int64_t plane, int64_t at, const State& s) {
     dst[at] = s.s0;
     dst[plane + at] = s.s1;
   }
@@ -65,8 +75,8 @@ RF_HD int lane_of(int tid) { return tid / kReduceChannels; }
 RF_HD int64_t channel_of(int64_t tile, int tid) { return tile * kReduceChannels + tid % kReduceChannels; }
 
 // Phase 0: lane state over items [begin, end) of `src` (planes of n_items x C), every 8th.
-template <class S>
-RF_HD void lane_phase(int tid, ReduceSmem<S>& smem, const typename S::Acc* src, int64_t n_items, int64_t C,
+template <class S, typename Src>
+RF_HD void lane_phase(int tid, ReduceSmem<S>& smem, const Src* src, int64_t n_items, int64_t C,
                       int64_t tile, int64_t begin, int64_t end) {
   const int64_t c = channel_of(tile, tid);
   typename S::State state = S::identity();
@@ -85,7 +95,7 @@ RF_HD void tree_phase(int tid, int stride, ReduceSmem<S>& smem) {
 
 // Chunk kernel's last phase: lane 0 writes the chunk's state.
 template <class S>
-RF_HD void store_chunk_phase(int tid, const ReduceSmem<S>& smem, typename S::Acc* ws, int64_t chunks, int64_t C,
+RF_HD void store_chunk_phase(int tid, const ReduceSmem<S>& smem, typename S::Ws* ws, int64_t chunks, int64_t C,
                              int64_t tile, int64_t chunk) {
   const int64_t c = channel_of(tile, tid);
   if (lane_of(tid) != 0 || c >= C) return;
@@ -116,7 +126,7 @@ struct Finalize {
     R* running_mean;
     R* running_var;
     int64_t* nbt;
-    Acc* ws;
+    double* ws;
     int64_t* snapshot;
     int64_t P, C, chunks, chunk_size;
     Acc eps;
@@ -148,13 +158,13 @@ struct Finalize {
       mean = static_cast<Acc>(widen(a.running_mean[c]));
       var = static_cast<Acc>(widen(a.running_var[c]));
     } else {
-      const WelfordState<Acc> st = smem.lane[tid];
-      mean = st.mean;
-      var = st.m2 / (st.count > Acc(1) ? st.count : Acc(1));
+      const WelfordState<double> st = smem.lane[tid];
+      mean = static_cast<Acc>(st.mean);
+      var = static_cast<Acc>(st.m2 / (st.count > 1.0 ? st.count : 1.0));
       // An empty batch moves nothing (it still counts, above).
-      if (a.update && st.count > Acc(0)) {
+      if (a.update && st.count > 0.0) {
         const U factor = a.cumulative ? U(1) / static_cast<U>(batches) : static_cast<U>(a.momentum);
-        const Acc unbiased = st.m2 / (st.count - Acc(1) > Acc(1) ? st.count - Acc(1) : Acc(1));
+        const Acc unbiased = static_cast<Acc>(st.m2 / (st.count - 1.0 > 1.0 ? st.count - 1.0 : 1.0));
         a.running_mean[c] =
             Narrow<R>::from(lerp_torch<U>(static_cast<U>(widen(a.running_mean[c])), static_cast<U>(mean), factor));
         a.running_var[c] =
@@ -184,7 +194,7 @@ struct BackwardCoef {
     const Acc* mean;
     const Acc* invstd;
     Acc *dgamma, *dbeta, *a, *b, *c;
-    Acc* ws;
+    double* ws;
     int64_t P, C, chunks, chunk_size;
     Acc count;
     bool training;
@@ -200,7 +210,7 @@ struct BackwardCoef {
   static RF_HD void finish(int64_t tile, int tid, const ReduceSmem<S>& smem, const Args& p) {
     const int64_t c = channel_of(tile, tid);
     if (lane_of(tid) != 0 || c >= p.C) return;
-    const Acc dbeta = smem.lane[tid].s0, dgamma = smem.lane[tid].s1;
+    const Acc dbeta = static_cast<Acc>(smem.lane[tid].s0), dgamma = static_cast<Acc>(smem.lane[tid].s1);
     const Acc invstd = p.invstd[c];
     const Acc a = p.weight != nullptr ? invstd * p.weight[c] : invstd;
     Acc b = Acc(0), cc = Acc(0);
@@ -304,7 +314,7 @@ typename Finalize<Acc, R>::Args finalize_args(const BnFinalizeParams& p) {
   a.running_mean = static_cast<R*>(p.running_mean);
   a.running_var = static_cast<R*>(p.running_var);
   a.nbt = p.num_batches_tracked;
-  a.ws = static_cast<Acc*>(p.workspace);
+  a.ws = static_cast<double*>(p.workspace);
   a.snapshot = p.count_snapshot;
   a.P = p.P;
   a.C = p.C;
@@ -332,7 +342,7 @@ typename BackwardCoef<Acc>::Args coef_args(const BnBackwardCoefParams& p) {
   a.a = static_cast<Acc*>(p.a);
   a.b = static_cast<Acc*>(p.b);
   a.c = static_cast<Acc*>(p.c);
-  a.ws = static_cast<Acc*>(p.workspace);
+  a.ws = static_cast<double*>(p.workspace);
   a.P = p.P;
   a.C = p.C;
   a.chunks = plan.chunks;

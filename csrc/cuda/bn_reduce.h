@@ -18,6 +18,9 @@
 //   finish kernel  grid (channel tiles). The same lanes-and-tree merge over the chunk states,
 //                  then one thread per channel computes the outputs and the running update.
 //
+// Both carry their states in fp64 whatever the partials' type and round once at the end: the
+// merge adds no rounding of its own to statistics or gradients at any P.
+//
 // The plan (reduce_plan) depends only on (P, C), which is what fixes the order. With
 // momentum=None the cumulative factor 1 / (num_batches_tracked + 1) is computed on the device:
 // the chunk kernel copies num_batches_tracked into an int64 workspace before anything writes it,
@@ -70,7 +73,7 @@ struct BnFinalizeParams {
   void* running_mean;        // [C] running-buffer type; null: none
   void* running_var;         // [C]
   int64_t* num_batches_tracked;  // [1] or null
-  void* workspace;           // [3, chunks, C] accumulation type (unused with from_running)
+  void* workspace;           // [3, chunks, C] float64 (unused with from_running)
   int64_t* count_snapshot;   // [1] int64 scratch, or null
   int64_t P, C;
   double eps;
@@ -91,7 +94,7 @@ struct BnBackwardCoefParams {
   void* a;
   void* b;
   void* c;
-  void* workspace;     // [2, chunks, C]
+  void* workspace;     // [2, chunks, C] float64: the sums are carried in fp64
   int64_t P, C;
   double count;        // values per channel
   bool training;

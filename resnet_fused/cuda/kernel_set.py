@@ -23,8 +23,8 @@ __all__ = ["CUDA", "CudaKernels"]
 
 class CudaKernels:
     name = "cuda"
-    #: Eval-mode affines are torch ops here (the C++ conv takes scale/shift only).
-    affine_from_stats = False
+    #: Eval-mode affines are formed inside the C++ conv kernels from the norm's running statistics.
+    affine_from_stats = True
 
     def stats_partials(self, x: Tensor) -> Tensor:
         return kernels.channel_stats_partials(x)

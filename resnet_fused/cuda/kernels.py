@@ -67,6 +67,19 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A norm's per-channel buffer or parameter as the C++ ops take it (float32 or float64)."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _stats(stats: Optional[tuple]):
+    """(mean, var, eps) of an eval-mode norm read from its buffers, or (None, None, 0.0)."""
+    if stats is None:
+        return None, None, 0.0
+    mean, var, eps = stats
+    return _vec(mean), _vec(var), float(eps)
+
+
 def _prologue(prologue, dtype: torch.dtype):
     if prologue is None:
         return None, None, None, None
@@ -91,6 +104,9 @@ def bn_relu_conv(
     post_scale: Optional[Tensor] = None,
     post_shift: Optional[Tensor] = None,
     conv3x3_algo: Optional[str] = None,
+    scale_stats: Optional[tuple] = None,
+    proj_stats: Optional[tuple] = None,
+    post_stats: Optional[tuple] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues (C++ kernel).
 
@@ -101,16 +117,29 @@ def bn_relu_conv(
     relu(out * post_scale + post_shift) instead (eval mode's folded next BN).
     ``conv3x3_algo``: "auto" | "per_tap" | "halo" (None: RESNET_FUSED_CUDA_CONV3X3, else "auto");
     it only matters for a 3x3, and "halo" needs stride 1 or 2.
+    ``scale_stats`` / ``proj_stats`` / ``post_stats`` = (running_mean, running_var, eps): an
+    eval-mode norm read from its buffers, whose weight and bias (or None) are then in the matching
+    scale/shift slots; the kernel forms the affine itself (no finalize launch).
     Returns (out in channels_last, partials [3, P, C_out] or None).
     """
     ops = _ops()
     dtype = x.dtype
     algo = _conv3x3_algo(conv3x3_algo) if weight.shape[-1] == 3 else 0
+    pro_m, pro_v, pro_eps = _stats(scale_stats)
+    proj_m, proj_v, proj_eps = _stats(proj_stats)
+    post_m, post_v, post_eps = _stats(post_stats)
+    if scale_stats is not None:
+        scale, shift = _vec(scale), _vec(shift)
+    if proj_stats is not None:
+        proj_scale, proj_shift = _vec(proj_scale), _vec(proj_shift)
+    if post_stats is not None:
+        post_scale, post_shift = _vec(post_scale), _vec(post_shift)
     _LAUNCHES["conv_fwd_cuda"] += 1
     out, partials = ops.conv_fwd_cuda(
         x, weight.to(dtype), scale, shift, stride, groups,
         _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
-        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
+        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo,
+        pro_m, pro_v, pro_eps, proj_m, proj_v, proj_eps, post_m, post_v, post_eps)
     return out, (partials if emit_stats else None)
 
 
