@@ -134,12 +134,13 @@ def bn_relu_conv(
         proj_scale, proj_shift = _vec(proj_scale), _vec(proj_shift)
     if post_stats is not None:
         post_scale, post_shift = _vec(post_scale), _vec(post_shift)
+    args = (x, weight.to(dtype), scale, shift, stride, groups,
+            _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
+            _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
+    if scale_stats is not None or proj_stats is not None or post_stats is not None:
+        args += (pro_m, pro_v, pro_eps, proj_m, proj_v, proj_eps, post_m, post_v, post_eps)
     _LAUNCHES["conv_fwd_cuda"] += 1
-    out, partials = ops.conv_fwd_cuda(
-        x, weight.to(dtype), scale, shift, stride, groups,
-        _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
-        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo,
-        pro_m, pro_v, pro_eps, proj_m, proj_v, proj_eps, post_m, post_v, post_eps)
+    out, partials = ops.conv_fwd_cuda(*args)
     return out, (partials if emit_stats else None)
 
 
