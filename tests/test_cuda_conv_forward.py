@@ -191,3 +191,15 @@ def test_forward_eval_stats_need_mean_and_var(ops, gen):
     with pytest.raises(RuntimeError, match="pro_mean must be a 1-D tensor of 3"):
         ops.conv_fwd_cuda(x, w, None, None, 1, 1, None, 0, 1, None, None, None, False, None, None, 0,
                           torch.zeros(4), torch.ones(4), 1e-5)
+
+
+def test_forward_eval_stats_opcheck(ops, gen):
+    x = _data(gen, (2, 6, 5, 5), torch.float32)
+    w = _weight(gen, (8, 3, 3, 3), torch.float32)
+    sc = _data(gen, (2, 4, 5, 5), torch.float32)
+    pw = _weight(gen, (8, 4, 1, 1), torch.float32)
+    wt, b, m, v = _eval_norm(gen, 6)
+    pwt, pb, pm, pv = _eval_norm(gen, 4)
+    qwt, qb, qm, qv = _eval_norm(gen, 8, affine=False)
+    args = (x, w, wt, b, 2, 2, sc, 2, 2, pw, pwt, pb, True, qwt, qb, 0, m, v, 1e-5, pm, pv, 1e-3, qm, qv, 1e-5)
+    torch.library.opcheck(ops.conv_fwd_cuda, args)
