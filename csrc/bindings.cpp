@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cuda/bn_elementwise.h"
+#include "cuda/bn_reduce.h"
 #include "cuda/bn_stats.h"
 #include "cuda/conv_fused.h"
 #include "cuda/wmma_host.h"
@@ -250,6 +251,25 @@ GradPrologueTensors grad_prologue(const char* op, const at::Tensor& grad, const 
   return out;
 }
 
+// Eval-mode BatchNorms of the forward read from their buffers (ConvFwdParams): per affine, the
+// running mean and variance and eps; the matching scale/shift arguments are the norm's weight and
+// bias (or None).
+struct FwdEvalNorms {
+  OptTensor pro_mean, pro_var, proj_mean, proj_var, post_mean, post_var;
+  double pro_eps = 0.0, proj_eps = 0.0, post_eps = 0.0;
+};
+
+// mean and var of one eval-mode norm: both or neither, `channels` values each.
+void eval_norm(const char* op, const char* prefix, const OptTensor& mean, const OptTensor& var, int64_t channels,
+               const at::Tensor& ref, OptTensor& mean_out, OptTensor& var_out) {
+  TORCH_CHECK(mean.has_value() == var.has_value(), op, ": pass both ", prefix, "_mean and ", prefix,
+              "_var (an eval-mode norm's running statistics) or neither");
+  if (!mean) return;
+  const std::string m = std::string(prefix) + "_mean", v = std::string(prefix) + "_var";
+  mean_out = channel_vector(op, m.c_str(), *mean, channels, ref);
+  var_out = channel_vector(op, v.c_str(), *var, channels, ref);
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor& x_in, const at::Tensor& w_in,
                                                  const OptTensor& scale, const OptTensor& shift, int64_t stride,
                                                  int64_t groups, const OptTensor& shortcut, int64_t shortcut_kind,
@@ -257,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
                                                  const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                  bool emit_stats, const OptTensor& post_scale,
                                                  const OptTensor& post_shift, int64_t algo,
+                                                 const FwdEvalNorms& norms = {},
                                                  int64_t test_fault = kWmmaFaultNone) {
   const char* op = test_fault != kWmmaFaultNone ? "resnet_fused._test_fault_wmma_conv_fwd" : "resnet_fused.conv_fwd";
   const ConvDtype dtype = to_conv_dtype(op, "x", x_in.scalar_type());
@@ -290,8 +311,11 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
               ": shortcut_kind must be 0 (none), 1 (add) or 2 (projection), got ", shortcut_kind);
   TORCH_CHECK(shortcut_kind != 0 || !shortcut.has_value(), op,
               ": a shortcut tensor was given with shortcut_kind=0 (none); pass 1 (add) or 2 (projection)");
-  TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale), op,
-              ": proj_w / proj_scale / proj_shift are only used with shortcut_kind=2 (projection)");
+  TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale || norms.proj_mean), op,
+              ": proj_w / proj_scale / proj_shift / proj_mean are only used with shortcut_kind=2 (projection)");
+  OptTensor pro_m, pro_v, proj_m, proj_v, post_m, post_v;
+  eval_norm(op, "pro", norms.pro_mean, norms.pro_var, C_in, x_in, pro_m, pro_v);
+  eval_norm(op, "post", norms.post_mean, norms.post_var, C_out, x_in, post_m, post_v);
   int64_t H_sc = 1, W_sc = 1, C_sc = 0;
   if (shortcut_kind != 0) {
     TORCH_CHECK(shortcut.has_value(), op, ": shortcut_kind=", shortcut_kind, " needs a shortcut tensor");
@@ -317,6 +341,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
         p_scale = channel_vector(op, "proj_scale", *proj_scale, C_sc, x_in);
         p_shift = channel_vector(op, "proj_shift", *proj_shift, C_sc, x_in);
       }
+      eval_norm(op, "proj", norms.proj_mean, norms.proj_var, C_sc, x_in, proj_m, proj_v);
     }
   }
 
@@ -356,6 +381,15 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.partials = emit_stats ? partials.mutable_data_ptr() : nullptr;
   p.post_scale = ptr_or_null(post_s);
   p.post_shift = ptr_or_null(post_b);
+  p.pro_mean = ptr_or_null(pro_m);
+  p.pro_var = ptr_or_null(pro_v);
+  p.pro_eps = norms.pro_eps;
+  p.proj_mean = ptr_or_null(proj_m);
+  p.proj_var = ptr_or_null(proj_v);
+  p.proj_eps = norms.proj_eps;
+  p.post_mean = ptr_or_null(post_m);
+  p.post_var = ptr_or_null(post_v);
+  p.post_eps = norms.post_eps;
   p.algo = static_cast<int>(algo);
 
   run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); }, [&] {
@@ -468,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tenso
   return {out, sums};
 }
 
-at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& v_in, const at::Tensor& scale,
-                           const at::Tensor& shift, int64_t ksize, int64_t stride, int64_t groups,
+at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& v_in, const OptTensor& scale,
+                           const OptTensor& shift, int64_t ksize, int64_t stride, int64_t groups,
                            const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
                            const OptTensor& pro_c, int64_t splits) {
   const char* op = "resnet_fused.conv_wgrad";
@@ -486,8 +520,13 @@ at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Te
               " conv with stride ", stride, " over v of shape ", v.sizes(), " (expected N=", N, ", H_out=", H_out,
               ", W_out=", W_out, ")");
   TORCH_CHECK(splits >= 0, op, ": splits must be >= 0 (0 picks a value), got ", splits);
-  const at::Tensor scale_a = channel_vector(op, "scale", scale, C_in, grad_in);
-  const at::Tensor shift_a = channel_vector(op, "shift", shift, C_in, grad_in);
+  // scale/shift None: the input is read as it is (a conv over the raw input, no BN+ReLU).
+  check_pair(op, "scale", scale, "shift", shift);
+  OptTensor scale_a, shift_a;
+  if (scale) {
+    scale_a = channel_vector(op, "scale", *scale, C_in, grad_in);
+    shift_a = channel_vector(op, "shift", *shift, C_in, grad_in);
+  }
   const GradPrologueTensors pro = grad_prologue(op, grad, pro_y, pro_a, pro_b, pro_c);
 
   const int64_t M = N * H_out * W_out;
@@ -500,8 +539,8 @@ at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Te
   ConvWgradParams p{};
   set_grad_operand(p, grad, pro);
   p.v = v.const_data_ptr();
-  p.scale = scale_a.const_data_ptr();
-  p.shift = shift_a.const_data_ptr();
+  p.scale = ptr_or_null(scale_a);
+  p.shift = ptr_or_null(shift_a);
   p.workspace = workspace.mutable_data_ptr();
   p.dw = dw.mutable_data_ptr();
   set_backward_geometry(p, v, H_out, W_out, C_out, ksize, stride, groups);
@@ -521,9 +560,24 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
                                                   int64_t shortcut_stride, const OptTensor& proj_w,
                                                   const OptTensor& proj_scale, const OptTensor& proj_shift,
                                                   bool emit_stats, const OptTensor& post_scale,
-                                                  const OptTensor& post_shift, int64_t algo) {
+                                                  const OptTensor& post_shift, int64_t algo,
+                                                  const OptTensor& pro_mean, const OptTensor& pro_var,
+                                                  double pro_eps, const OptTensor& proj_mean,
+                                                  const OptTensor& proj_var, double proj_eps,
+                                                  const OptTensor& post_mean, const OptTensor& post_var,
+                                                  double post_eps) {
+  FwdEvalNorms norms;
+  norms.pro_mean = pro_mean;
+  norms.pro_var = pro_var;
+  norms.pro_eps = pro_eps;
+  norms.proj_mean = proj_mean;
+  norms.proj_var = proj_var;
+  norms.proj_eps = proj_eps;
+  norms.post_mean = post_mean;
+  norms.post_var = post_var;
+  norms.post_eps = post_eps;
   return conv_fwd_impl(kCuda, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
-                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo);
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, norms);
 }
 
 // TEST ONLY, CPU only: conv_fwd through a copy of the forward's WMMA multiply phase with a
@@ -539,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor> test_fault_wmma_conv_fwd_entry(
   TORCH_CHECK(fault >= 1 && fault <= kWmmaFaultLast, "resnet_fused._test_fault_wmma_conv_fwd: fault must be 1..",
               kWmmaFaultLast, ", got ", fault);
   return conv_fwd_impl(false, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
-                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, fault);
+                       proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, FwdEvalNorms{}, fault);
 }
 
 // (mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment) performed by the host WMMA shim.
@@ -561,8 +615,8 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_entry(const at::Tensor& grad, cons
 }
 
 template <bool kCuda>
-at::Tensor conv_wgrad_entry(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& scale,
-                            const at::Tensor& shift, int64_t ksize, int64_t stride, int64_t groups,
+at::Tensor conv_wgrad_entry(const at::Tensor& grad, const at::Tensor& v, const OptTensor& scale,
+                            const OptTensor& shift, int64_t ksize, int64_t stride, int64_t groups,
                             const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
                             const OptTensor& pro_c, int64_t splits) {
   return conv_wgrad_impl(kCuda, grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c, splits);
@@ -666,6 +720,241 @@ at::Tensor stats_partials_entry(const at::Tensor& x_in) {
   return partials;
 }
 
+
+
+// ---- the post-activation closing pass (csrc/cuda/bn_elementwise.h) ---------------------------
+
+// y and the shortcut sc: 4-D, one shape, one dtype; returned channels_last.
+std::pair<at::Tensor, at::Tensor> postact_operands(const char* op, const at::Tensor& y_in, const at::Tensor& sc_in,
+                                                   const at::Tensor& ref) {
+  at::Tensor y = activation(op, "y", y_in, ref);
+  at::Tensor sc = activation(op, "sc", sc_in, ref);
+  TORCH_CHECK(y.sizes() == sc.sizes(), op, ": the conv output y ", y.sizes(), " and the shortcut sc ", sc.sizes(),
+              " must have one shape");
+  return {y, sc};
+}
+
+template <bool kCuda>
+at::Tensor postact_out_entry(const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
+                             const at::Tensor& sc_in, const OptTensor& sc_scale, const OptTensor& sc_shift) {
+  const char* op = "resnet_fused.postact_out";
+  const ConvDtype dtype = to_conv_dtype(op, "y", y_in.scalar_type());
+  auto [y, sc] = postact_operands(op, y_in, sc_in, y_in);
+  check_pair(op, "sc_scale", sc_scale, "sc_shift", sc_shift);
+  const int64_t C = y.size(1);
+  const at::Tensor s = channel_vector(op, "scale", scale, C, y_in);
+  const at::Tensor b = channel_vector(op, "shift", shift, C, y_in);
+  OptTensor ss, sb;
+  if (sc_scale) {
+    ss = channel_vector(op, "sc_scale", *sc_scale, C, y_in);
+    sb = channel_vector(op, "sc_shift", *sc_shift, C, y_in);
+  }
+  at::Tensor out = empty_nhwc(y.size(0), C, y.size(2), y.size(3), y);
+  PostactOutParams p{y.const_data_ptr(), sc.const_data_ptr(), s.const_data_ptr(), b.const_data_ptr(),
+                     ptr_or_null(ss), ptr_or_null(sb), out.mutable_data_ptr(), y.size(0) * y.size(2) * y.size(3), C};
+  run_on(op, kCuda, y, [&](cudaStream_t st) { return postact_out_cuda(p, dtype, st); },
+         [&] { postact_out_host(p, dtype); });
+  return out;
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> postact_out_backward_entry(
+    const at::Tensor& grad_in, const at::Tensor& y_in, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sc_in, const OptTensor& sc_scale,
+    const OptTensor& sc_shift, const OptTensor& sc_mean, const OptTensor& sc_invstd) {
+  const char* op = "resnet_fused.postact_out_backward";
+  const ConvDtype dtype = to_conv_dtype(op, "grad", grad_in.scalar_type());
+  const at::Tensor grad = activation(op, "grad", grad_in, grad_in);
+  auto [y, sc] = postact_operands(op, y_in, sc_in, grad_in);
+  TORCH_CHECK(grad.sizes() == y.sizes(), op, ": grad ", grad.sizes(), " must have y's shape ", y.sizes());
+  const bool proj = sc_scale.has_value() || sc_shift.has_value() || sc_mean.has_value() || sc_invstd.has_value();
+  TORCH_CHECK(!proj || (sc_scale && sc_shift && sc_mean && sc_invstd), op,
+              ": a projection shortcut needs all of sc_scale, sc_shift, sc_mean and sc_invstd (or none of them)");
+  const int64_t C = y.size(1), M = y.size(0) * y.size(2) * y.size(3);
+  const at::Tensor s = channel_vector(op, "scale", scale, C, grad_in);
+  const at::Tensor b = channel_vector(op, "shift", shift, C, grad_in);
+  const at::Tensor mu = channel_vector(op, "mean", mean, C, grad_in);
+  const at::Tensor is = channel_vector(op, "invstd", invstd, C, grad_in);
+  OptTensor ss, sb, smu, sis;
+  if (proj) {
+    ss = channel_vector(op, "sc_scale", *sc_scale, C, grad_in);
+    sb = channel_vector(op, "sc_shift", *sc_shift, C, grad_in);
+    smu = channel_vector(op, "sc_mean", *sc_mean, C, grad_in);
+    sis = channel_vector(op, "sc_invstd", *sc_invstd, C, grad_in);
+  }
+  at::Tensor out = empty_nhwc(y.size(0), C, y.size(2), y.size(3), grad);
+  const auto acc_options = grad.options().dtype(acc_dtype_of(grad.scalar_type()));
+  at::Tensor sums = at::empty({2, conv_tiles_m(M), C}, acc_options);
+  at::Tensor sc_sums = proj ? at::empty({2, conv_tiles_m(M), C}, acc_options) : at::empty({0}, acc_options);
+  PostactOutBackwardParams p{grad.const_data_ptr(), y.const_data_ptr(), sc.const_data_ptr(), s.const_data_ptr(),
+                             b.const_data_ptr(), ptr_or_null(ss), ptr_or_null(sb), mu.const_data_ptr(),
+                             is.const_data_ptr(), ptr_or_null(smu), ptr_or_null(sis), out.mutable_data_ptr(),
+                             sums.mutable_data_ptr(), proj ? sc_sums.mutable_data_ptr() : nullptr, M, C};
+  run_on(op, kCuda, grad, [&](cudaStream_t st) { return postact_out_backward_cuda(p, dtype, st); },
+         [&] { postact_out_backward_host(p, dtype); });
+  return {out, sums, sc_sums};
+}
+
+// ---- per-channel reductions of tile partials (csrc/cuda/bn_reduce.h) -------------------------
+
+// Checks partials [planes, P, C] in float32/float64 (the accumulation types); returns them contiguous.
+at::Tensor reduce_partials(const char* op, const char* name, const at::Tensor& part, int64_t planes) {
+  TORCH_CHECK(part.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              part.layout());
+  TORCH_CHECK(part.dim() == 3 && part.size(0) == planes, op, ": ", name, " must be [", planes,
+              ", P, C] (per-tile partials), got shape ", part.sizes());
+  TORCH_CHECK(part.scalar_type() == at::kFloat || part.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 (the statistics' accumulation type), got ", part.scalar_type());
+  return part.contiguous();
+}
+
+// An optional or required per-channel vector of any floating dtype, on `device`, converted to
+// the accumulation type `acc` (a copy only when the dtype differs).
+at::Tensor acc_vector(const char* op, const char* name, const at::Tensor& t, int64_t channels, at::ScalarType acc,
+                      const at::Device& device) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be a 1-D tensor of ", channels,
+              " values (one per channel), got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the statistics are on ", device,
+              "; all must be on one device");
+  return t.to(acc).contiguous();
+}
+
+// A running buffer, updated in place: 1-D, `channels` values, contiguous, one of the four dtypes.
+void check_running(const char* op, const char* name, const at::Tensor& t, int64_t channels, const at::Device& device) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must be a 1-D tensor of ", channels,
+              " values, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the statistics are on ", device,
+              "; all must be on one device");
+  to_conv_dtype(op, name, t.scalar_type());
+}
+
+template <bool kCuda>
+at::Tensor bn_finalize_entry(const OptTensor& part_in, const OptTensor& weight_in, const OptTensor& bias_in,
+                             const OptTensor& running_mean, const OptTensor& running_var,
+                             const OptTensor& num_batches_tracked, double eps, std::optional<double> momentum,
+                             bool update, bool from_running, std::optional<at::ScalarType> dtype) {
+  const char* op = "resnet_fused.bn_finalize";
+  at::Tensor part;
+  at::ScalarType acc;
+  int64_t P = 0, C = 0;
+  at::Device device = at::kCPU;
+  if (from_running) {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), op,
+                ": from_running=True needs running_mean and running_var");
+    TORCH_CHECK(!update, op, ": update=True moves the running statistics from a batch; it cannot be combined "
+                "with from_running=True");
+    C = running_mean->numel();
+    device = running_mean->device();
+    acc = dtype.has_value() ? *dtype : (running_mean->scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, op, ": dtype must be float32 or float64, got ", acc);
+  } else {
+    TORCH_CHECK(part_in.has_value(), op, ": part (the [3, P, C] statistics partials) is required unless "
+                "from_running=True");
+    part = reduce_partials(op, "part", *part_in, 3);
+    acc = part.scalar_type();
+    P = part.size(1);
+    C = part.size(2);
+    device = part.device();
+  }
+  const bool has_running = running_mean.has_value() || running_var.has_value();
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": pass both running_mean and running_var or neither");
+  TORCH_CHECK(!update || has_running, op, ": update=True needs running_mean and running_var");
+  if (has_running) {
+    check_running(op, "running_mean", *running_mean, C, device);
+    check_running(op, "running_var", *running_var, C, device);
+    TORCH_CHECK(running_mean->scalar_type() == running_var->scalar_type(), op,
+                ": running_mean and running_var must have one dtype, got ", running_mean->scalar_type(), " and ",
+                running_var->scalar_type());
+  }
+  const bool count_batch = update && num_batches_tracked.has_value();
+  const bool cumulative = update && !momentum.has_value();
+  TORCH_CHECK(!cumulative || num_batches_tracked.has_value(), op,
+              ": momentum=None (the cumulative average) needs num_batches_tracked");
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1, op,
+                ": num_batches_tracked must be an int64 tensor of one element, got ",
+                num_batches_tracked->scalar_type(), " of shape ", num_batches_tracked->sizes());
+    TORCH_CHECK(num_batches_tracked->device() == device, op, ": num_batches_tracked is on ",
+                num_batches_tracked->device(), " but the statistics are on ", device);
+  }
+  OptTensor weight, bias;
+  if (weight_in) weight = acc_vector(op, "weight", *weight_in, C, acc, device);
+  if (bias_in) bias = acc_vector(op, "bias", *bias_in, C, acc, device);
+
+  const auto acc_options = at::TensorOptions().dtype(acc).device(device);
+  at::Tensor out = at::empty({5, C}, acc_options);
+  const ReducePlan plan = reduce_plan(P, C);
+  at::Tensor workspace = at::empty({from_running ? 0 : 3 * plan.chunks * C}, acc_options.dtype(at::kDouble));
+  OptTensor snapshot;
+  if (update && num_batches_tracked.has_value()) snapshot = at::empty({1}, acc_options.dtype(at::kLong));
+  BnFinalizeParams p{};
+  p.part = from_running ? nullptr : part.const_data_ptr();
+  p.weight = ptr_or_null(weight);
+  p.bias = ptr_or_null(bias);
+  p.out = out.mutable_data_ptr();
+  p.running_mean = has_running ? running_mean->data_ptr() : nullptr;
+  p.running_var = has_running ? running_var->data_ptr() : nullptr;
+  p.num_batches_tracked = snapshot ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  p.workspace = workspace.mutable_data_ptr();
+  p.count_snapshot = snapshot ? snapshot->data_ptr<int64_t>() : nullptr;
+  p.P = P;
+  p.C = C;
+  p.eps = eps;
+  p.momentum = momentum.value_or(0.0);
+  p.update = update;
+  p.cumulative = cumulative;
+  p.count_batch = count_batch;
+  p.from_running = from_running;
+  const ConvDtype acc_code = to_conv_dtype(op, "part", acc);
+  // Without running buffers the running type is irrelevant: the accumulation type stands in.
+  const ConvDtype run_code = has_running ? to_conv_dtype(op, "running_mean", running_mean->scalar_type()) : acc_code;
+  run_on(op, kCuda, out, [&](cudaStream_t st) { return bn_finalize_cuda(p, acc_code, run_code, st); },
+         [&] { bn_finalize_host(p, acc_code, run_code); });
+  return out;
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_coefficients_entry(
+    const at::Tensor& part_in, const OptTensor& weight_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    double count, bool training) {
+  const char* op = "resnet_fused.bn_backward_coefficients";
+  const at::Tensor part = reduce_partials(op, "part", part_in, 2);
+  const at::ScalarType acc = part.scalar_type();
+  const int64_t P = part.size(1), C = part.size(2);
+  const at::Device device = part.device();
+  TORCH_CHECK(count >= 0, op, ": count (values per channel) must be >= 0, got ", count);
+  OptTensor weight;
+  if (weight_in) weight = acc_vector(op, "weight", *weight_in, C, acc, device);
+  const at::Tensor mean = acc_vector(op, "mean", mean_in, C, acc, device);
+  const at::Tensor invstd = acc_vector(op, "invstd", invstd_in, C, acc, device);
+  const auto acc_options = part.options();
+  // Separate tensors: dgamma and dbeta are returned as gradients and must not alias.
+  at::Tensor dgamma = at::empty({C}, acc_options), dbeta = at::empty({C}, acc_options);
+  at::Tensor a = at::empty({C}, acc_options), b = at::empty({C}, acc_options), c = at::empty({C}, acc_options);
+  const ReducePlan plan = reduce_plan(P, C);
+  at::Tensor workspace = at::empty({2 * plan.chunks * C}, acc_options.dtype(at::kDouble));
+  BnBackwardCoefParams p{part.const_data_ptr(), ptr_or_null(weight), mean.const_data_ptr(), invstd.const_data_ptr(),
+                         dgamma.mutable_data_ptr(), dbeta.mutable_data_ptr(), a.mutable_data_ptr(),
+                         b.mutable_data_ptr(), c.mutable_data_ptr(), workspace.mutable_data_ptr(), P, C, count,
+                         training};
+  const ConvDtype acc_code = to_conv_dtype(op, "part", acc);
+  run_on(op, kCuda, part, [&](cudaStream_t st) { return bn_backward_coef_cuda(p, acc_code, st); },
+         [&] { bn_backward_coef_host(p, acc_code); });
+  return {dgamma, dbeta, a, b, c};
+}
+
+// The chunk kernel's grid of both reductions for P partials of C channels:
+// [channel tiles (grid.x), chunks (grid.y), partials per chunk].
+std::vector<int64_t> bn_reduce_grid_op(int64_t P, int64_t C) {
+  TORCH_CHECK(P >= 0 && C >= 0, "resnet_fused.bn_reduce_grid: P and C must be >= 0, got ", P, " and ", C);
+  const ReducePlan plan = reduce_plan(P, C);
+  return {plan.channel_tiles, plan.chunks, plan.chunk_size};
+}
+
 }  // namespace
 }  // namespace resnet_fused
 
@@ -683,14 +972,16 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "conv_fwd_cuda(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int stride, int groups, "
       "Tensor? shortcut, int shortcut_kind, int shortcut_stride, Tensor? proj_w, Tensor? proj_scale, "
-      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0) "
-      "-> (Tensor out, Tensor partials)");
+      "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0, "
+      "Tensor? pro_mean=None, Tensor? pro_var=None, float pro_eps=0., Tensor? proj_mean=None, "
+      "Tensor? proj_var=None, float proj_eps=0., Tensor? post_mean=None, Tensor? post_var=None, "
+      "float post_eps=0.) -> (Tensor out, Tensor partials)");
   m.def(
       "conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, Tensor mean, "
       "Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "
       "Tensor? second_grad, Tensor? second_w, int second_stride) -> (Tensor g_masked, Tensor sums)");
   m.def(
-      "conv_wgrad_cuda(Tensor grad, Tensor v, Tensor scale, Tensor shift, int ksize, int stride, int groups, "
+      "conv_wgrad_cuda(Tensor grad, Tensor v, Tensor? scale, Tensor? shift, int ksize, int stride, int groups, "
       "Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, int splits=0) -> Tensor");
   // Elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.h), same tile and partial layouts.
   m.def("bn_relu_apply_cuda(Tensor x, Tensor scale, Tensor shift) -> Tensor");
@@ -701,6 +992,26 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
       "bn_backward_apply_cuda(Tensor g, Tensor v, Tensor a, Tensor b, Tensor c, Tensor? shortcut_grad, "
       "int shortcut_stride) -> Tensor");
   m.def("stats_partials_cuda(Tensor x) -> Tensor");
+  // Per-channel reductions of tile partials (csrc/cuda/bn_reduce.h). momentum=None: the
+  // cumulative average. The running buffers are updated in place when update=True.
+  m.def(
+      "bn_finalize_cuda(Tensor? part, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float eps, float? momentum, bool update, "
+      "bool from_running, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "bn_backward_coefficients_cuda(Tensor part, Tensor? weight, Tensor mean, Tensor invstd, float count, "
+      "bool training) -> (Tensor dgamma, Tensor dbeta, Tensor a, Tensor b, Tensor c)");
+  // The post-activation closing pass relu(bn(y) + shortcut) and its backward (bn_elementwise.h);
+  // sc_sums is empty (shape [0]) without a projection.
+  m.def(
+      "postact_out_cuda(Tensor y, Tensor scale, Tensor shift, Tensor sc, Tensor? sc_scale, Tensor? sc_shift) "
+      "-> Tensor");
+  m.def(
+      "postact_out_backward_cuda(Tensor grad, Tensor y, Tensor scale, Tensor shift, Tensor mean, Tensor invstd, "
+      "Tensor sc, Tensor? sc_scale, Tensor? sc_shift, Tensor? sc_mean, Tensor? sc_invstd) "
+      "-> (Tensor g_masked, Tensor sums, Tensor sc_sums)");
+  // The reductions' chunk-kernel grid [channel tiles, chunks, partials per chunk] (no tensors).
+  m.def("bn_reduce_grid_cuda(int P, int C) -> int[]", &resnet_fused::bn_reduce_grid_op);
   // The host emulator's WMMA shim (csrc/cuda/wmma_host.cuh): warp-level operations performed so
   // far, [mma_sync, load_matrix_sync, store_matrix_sync, fill_fragment]. No tensor arguments,
   // one kernel for every backend.
@@ -722,6 +1033,10 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("relu_grad_sums_cuda", &resnet_fused::relu_grad_sums_entry<true>);
   m.impl("bn_backward_apply_cuda", &resnet_fused::bn_backward_apply_entry<true>);
   m.impl("stats_partials_cuda", &resnet_fused::stats_partials_entry<true>);
+  m.impl("bn_finalize_cuda", &resnet_fused::bn_finalize_entry<true>);
+  m.impl("postact_out_cuda", &resnet_fused::postact_out_entry<true>);
+  m.impl("postact_out_backward_cuda", &resnet_fused::postact_out_backward_entry<true>);
+  m.impl("bn_backward_coefficients_cuda", &resnet_fused::bn_backward_coefficients_entry<true>);
 }
 
 // The host version of the same algorithm: lets CPU-only CI check the
@@ -735,6 +1050,10 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("relu_grad_sums_cuda", &resnet_fused::relu_grad_sums_entry<false>);
   m.impl("bn_backward_apply_cuda", &resnet_fused::bn_backward_apply_entry<false>);
   m.impl("stats_partials_cuda", &resnet_fused::stats_partials_entry<false>);
+  m.impl("bn_finalize_cuda", &resnet_fused::bn_finalize_entry<false>);
+  m.impl("postact_out_cuda", &resnet_fused::postact_out_entry<false>);
+  m.impl("postact_out_backward_cuda", &resnet_fused::postact_out_backward_entry<false>);
+  m.impl("bn_backward_coefficients_cuda", &resnet_fused::bn_backward_coefficients_entry<false>);
   m.impl("_test_fault_wmma_conv_fwd_cuda", &resnet_fused::test_fault_wmma_conv_fwd_entry);
 }
 

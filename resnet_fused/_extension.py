@@ -16,7 +16,7 @@ import importlib
 import threading
 from types import ModuleType
 
-__all__ = ["load", "is_available", "unavailable_reason", "require", "wmma_host_counts"]
+__all__ = ["load", "is_available", "unavailable_reason", "require", "wmma_host_counts", "bn_reduce_grid"]
 
 _BUILD_HINT = (
     "Build it with a CUDA toolkit installed (no GPU needed): "
@@ -27,12 +27,14 @@ _BUILD_HINT = (
 
 # Every op resnet_fused._C defines (csrc/bindings.cpp); each has a fake impl below.
 CPP_OPS = ("bn_stats_cuda", "conv_fwd_cuda", "conv_dgrad_cuda", "conv_wgrad_cuda", "bn_relu_apply_cuda",
-           "relu_grad_sums_cuda", "bn_backward_apply_cuda", "stats_partials_cuda")
+           "relu_grad_sums_cuda", "bn_backward_apply_cuda", "stats_partials_cuda", "bn_finalize_cuda",
+           "bn_backward_coefficients_cuda", "postact_out_cuda", "postact_out_backward_cuda")
 # Ops of the host emulator that take no tensors (one kernel for every backend, no fake needed):
 # the WMMA shim's counters (csrc/cuda/wmma_host.cuh).
-EMULATOR_OPS = ("wmma_host_counts_cuda",)
+# and the reductions' grid rule (csrc/cuda/bn_reduce.h).
+EMULATOR_OPS = ("wmma_host_counts_cuda", "bn_reduce_grid_cuda")
 # TEST-ONLY ops, CPU kernel only, never called by the package: the forward through a faulty copy
-# of the WMMA multiply phase (csrc/cuda/wmma_test_faults.cu), for tests/test_cuda_kernels.py.
+# of the WMMA multiply phase (csrc/cuda/wmma_test_faults.cu), for tests/test_cuda_wmma_faults.py.
 TEST_FAULT_OPS = ("_test_fault_wmma_conv_fwd_cuda",)
 # Faults of _test_fault_wmma_conv_fwd_cuda (WmmaTestFault in csrc/cuda/wmma_host.h).
 WMMA_TEST_FAULTS = {"lda_is_width": 1, "ldm_not_16_bytes": 2, "pointer_not_32_bytes": 3, "lane_divergent": 4}
@@ -121,6 +123,17 @@ def wmma_host_counts() -> dict[str, int]:
     return dict(zip(_WMMA_COUNTERS, torch.ops.resnet_fused.wmma_host_counts_cuda()))
 
 
+def bn_reduce_grid(partials: int, channels: int) -> tuple[int, int, int]:
+    """(channel tiles, chunks, partials per chunk) of the chunk kernel of the C++ finalize and
+    BN-backward coefficients for ``partials`` tiles of ``channels`` channels (reduce_plan in
+    csrc/cuda/bn_reduce.h): its grid is channel tiles x chunks blocks."""
+    import torch
+
+    require("the reductions' grid rule")
+    tiles, chunks, size = torch.ops.resnet_fused.bn_reduce_grid_cuda(partials, channels)
+    return tiles, chunks, size
+
+
 def _register_fakes() -> None:
     """Shape/dtype-only implementations of the C++ ops, for meta tensors and torch.compile.
 
@@ -153,7 +166,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("resnet_fused::conv_fwd_cuda")
     def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
-                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0):
+                            proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0,
+                            pro_mean=None, pro_var=None, pro_eps=0.0, proj_mean=None, proj_var=None, proj_eps=0.0,
+                            post_mean=None, post_var=None, post_eps=0.0):
         torch._check(x.dim() == 4 and w.dim() == 4,
                      lambda: "resnet_fused.conv_fwd: x and w must be 4-D")
         n, _, h, wd = x.shape
@@ -203,3 +218,35 @@ def _register_fakes() -> None:
     @torch.library.register_fake("resnet_fused::stats_partials_cuda")
     def _stats_partials_cuda_fake(x):
         return x.new_empty((3, _tiles(x), x.shape[1]), dtype=_acc_dtype(x.dtype))
+
+    @torch.library.register_fake("resnet_fused::bn_finalize_cuda")
+    def _bn_finalize_cuda_fake(part, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum,
+                               update, from_running, dtype=None):
+        if from_running:
+            torch._check(running_mean is not None, lambda: "resnet_fused.bn_finalize: from_running needs running_mean")
+            acc = dtype if dtype is not None else _acc_dtype(running_mean.dtype)
+            return running_mean.new_empty((5, running_mean.shape[0]), dtype=acc)
+        torch._check(part is not None and part.dim() == 3,
+                     lambda: "resnet_fused.bn_finalize: part must be [3, P, C]")
+        return part.new_empty((5, part.shape[2]))
+
+    @torch.library.register_fake("resnet_fused::bn_backward_coefficients_cuda")
+    def _bn_backward_coefficients_cuda_fake(part, weight, mean, invstd, count, training):
+        torch._check(part.dim() == 3, lambda: "resnet_fused.bn_backward_coefficients: part must be [2, P, C]")
+        channels = part.shape[2]
+        return tuple(part.new_empty((channels,)) for _ in range(5))
+
+    @torch.library.register_fake("resnet_fused::postact_out_cuda")
+    def _postact_out_cuda_fake(y, scale, shift, sc, sc_scale, sc_shift):
+        torch._check(y.dim() == 4, lambda: "resnet_fused.postact_out: y must be 4-D")
+        return _nhwc_empty(y.shape, y)
+
+    @torch.library.register_fake("resnet_fused::postact_out_backward_cuda")
+    def _postact_out_backward_cuda_fake(grad, y, scale, shift, mean, invstd, sc, sc_scale, sc_shift, sc_mean,
+                                        sc_invstd):
+        torch._check(y.dim() == 4, lambda: "resnet_fused.postact_out_backward: y must be 4-D")
+        acc = _acc_dtype(grad.dtype)
+        sums = grad.new_empty((2, _tiles(y), y.shape[1]), dtype=acc)
+        sc_sums = grad.new_empty((2, _tiles(y), y.shape[1]), dtype=acc) if sc_scale is not None else \
+            grad.new_empty((0,), dtype=acc)
+        return _nhwc_empty(y.shape, grad), sums, sc_sums

@@ -170,6 +170,98 @@ struct StatsPartials {
   }
 };
 
+// z = y * scale + shift + (sc, or sc * sc_scale + sc_shift with a projection) at element `at`.
+template <typename T, typename Acc>
+RF_HD Acc postact_z(const T* y, const T* sc, const Acc* scale, const Acc* shift, const Acc* sc_scale,
+                    const Acc* sc_shift, int64_t at, int64_t col) {
+  const Acc s = static_cast<Acc>(widen(sc[at]));
+  const Acc z = static_cast<Acc>(widen(y[at])) * scale[col] + shift[col];
+  return sc_scale != nullptr ? z + (s * sc_scale[col] + sc_shift[col]) : z + s;
+}
+
+template <typename T_>
+struct PostactOut {
+  using T = T_;
+  using Acc = AccOf<T>;
+  struct Args {
+    const T* y;
+    const T* sc;
+    const Acc* scale;
+    const Acc* shift;
+    const Acc* sc_scale;
+    const Acc* sc_shift;
+    T* out;
+    int64_t M, C;
+  };
+  static constexpr bool kColumns = false;
+  static RF_HD void elementwise(const EwBlock& blk, int tid, TileSmem<T, Acc>&, const Args& a) {
+    RF_UNROLL
+    for (int i = 0; i < kEwPerThread; ++i) {
+      const int e = tid + kThreads * i;
+      const int r = e / kBN;
+      const int64_t col = blk.col0 + e % kBN;
+      if (r >= blk.rows || col >= a.C) continue;
+      const int64_t at = (blk.tile_m * kBM + r) * a.C + col;
+      a.out[at] = Narrow<T>::from(relu_keep_nan(postact_z(a.y, a.sc, a.scale, a.shift, a.sc_scale, a.sc_shift, at, col)));
+    }
+  }
+  static RF_HD void columns(const EwBlock&, int, TileSmem<T, Acc>&, const Args&) {}
+};
+
+template <typename T_>
+struct PostactOutBackward {
+  using T = T_;
+  using Acc = AccOf<T>;
+  struct Args {
+    const T* grad;
+    const T* y;
+    const T* sc;
+    const Acc* scale;
+    const Acc* shift;
+    const Acc* sc_scale;
+    const Acc* sc_shift;
+    const Acc* mean;
+    const Acc* invstd;
+    const Acc* sc_mean;
+    const Acc* sc_invstd;
+    T* out;
+    Acc* sums;
+    Acc* sc_sums;
+    int64_t M, C, tiles_m;
+  };
+  static constexpr bool kColumns = true;
+  // g' = grad where z > 0 (NaN masks to 0), stored; the staged tile keeps g' as stored.
+  static RF_HD void elementwise(const EwBlock& blk, int tid, TileSmem<T, Acc>& s, const Args& a) {
+    Acc* c = s.c();
+    RF_UNROLL
+    for (int i = 0; i < kEwPerThread; ++i) {
+      const int e = tid + kThreads * i;
+      const int r = e / kBN, j = e % kBN;
+      const int64_t col = blk.col0 + j;
+      if (r >= blk.rows || col >= a.C) {
+        c[r * kLdC + j] = Acc(0);
+        continue;
+      }
+      const int64_t at = (blk.tile_m * kBM + r) * a.C + col;
+      const Acc z = postact_z(a.y, a.sc, a.scale, a.shift, a.sc_scale, a.sc_shift, at, col);
+      const T stored = Narrow<T>::from(z > Acc(0) ? static_cast<Acc>(widen(a.grad[at])) : Acc(0));
+      a.out[at] = stored;
+      c[r * kLdC + j] = static_cast<Acc>(widen(stored));
+    }
+  }
+  static RF_HD void columns(const EwBlock& blk, int tid, TileSmem<T, Acc>& s, const Args& a) {
+    const int64_t col = blk.col0 + tid;
+    if (tid >= kBN || col >= a.C) return;
+    const int64_t row0 = blk.tile_m * kBM * a.C + col;
+    const int64_t plane = a.tiles_m * a.C, at = blk.tile_m * a.C + col;
+    relu_sums_column(s.c() + tid, kLdC, blk.rows, a.y + row0, a.C, a.mean[col], a.invstd[col], a.sums, plane, at);
+    if (a.sc_sums != nullptr) {
+      relu_sums_column(s.c() + tid, kLdC, blk.rows, a.sc + row0, a.C, a.sc_mean[col], a.sc_invstd[col], a.sc_sums,
+                       plane, at);
+    }
+  }
+};
+
 template <class Problem>
 __global__ void __launch_bounds__(kThreads) ew_kernel(const typename Problem::Args args) {
   __shared__ TileSmem<typename Problem::T, typename Problem::Acc> smem;
@@ -242,6 +334,24 @@ typename StatsPartials<T>::Args args_of(const StatsPartialsParams& p) {
   return {static_cast<const T*>(p.x), static_cast<Acc*>(p.partials), p.M, p.C, conv_tiles_m(p.M)};
 }
 
+template <typename T>
+typename PostactOut<T>::Args args_of(const PostactOutParams& p) {
+  using Acc = AccOf<T>;
+  return {static_cast<const T*>(p.y), static_cast<const T*>(p.sc), static_cast<const Acc*>(p.scale),
+          static_cast<const Acc*>(p.shift), static_cast<const Acc*>(p.sc_scale), static_cast<const Acc*>(p.sc_shift),
+          static_cast<T*>(p.out), p.M, p.C};
+}
+
+template <typename T>
+typename PostactOutBackward<T>::Args args_of(const PostactOutBackwardParams& p) {
+  using Acc = AccOf<T>;
+  return {static_cast<const T*>(p.grad), static_cast<const T*>(p.y), static_cast<const T*>(p.sc),
+          static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift), static_cast<const Acc*>(p.sc_scale),
+          static_cast<const Acc*>(p.sc_shift), static_cast<const Acc*>(p.mean), static_cast<const Acc*>(p.invstd),
+          static_cast<const Acc*>(p.sc_mean), static_cast<const Acc*>(p.sc_invstd), static_cast<T*>(p.out),
+          static_cast<Acc*>(p.sums), static_cast<Acc*>(p.sc_sums), p.M, p.C, conv_tiles_m(p.M)};
+}
+
 template <template <typename> class Problem, class Params>
 cudaError_t dispatch_cuda(const Params& p, ConvDtype dtype, cudaStream_t stream) {
   return dispatch_conv_dtype(dtype, [&](auto tag) {
@@ -271,6 +381,17 @@ cudaError_t bn_backward_apply_cuda(const BnBackwardApplyParams& p, ConvDtype dty
 }
 cudaError_t stats_partials_cuda(const StatsPartialsParams& p, ConvDtype dtype, cudaStream_t stream) {
   return dispatch_cuda<StatsPartials>(p, dtype, stream);
+}
+
+cudaError_t postact_out_cuda(const PostactOutParams& p, ConvDtype dtype, cudaStream_t stream) {
+  return dispatch_cuda<PostactOut>(p, dtype, stream);
+}
+cudaError_t postact_out_backward_cuda(const PostactOutBackwardParams& p, ConvDtype dtype, cudaStream_t stream) {
+  return dispatch_cuda<PostactOutBackward>(p, dtype, stream);
+}
+void postact_out_host(const PostactOutParams& p, ConvDtype dtype) { dispatch_host<PostactOut>(p, dtype); }
+void postact_out_backward_host(const PostactOutBackwardParams& p, ConvDtype dtype) {
+  dispatch_host<PostactOutBackward>(p, dtype);
 }
 
 void bn_relu_apply_host(const BnReluApplyParams& p, ConvDtype dtype) { dispatch_host<BnReluApply>(p, dtype); }

@@ -7,6 +7,12 @@
 //                      g' * (v - mean) * invstd, taken of g' as stored
 //   bn_backward_apply  dv = a * g + b * v + c (+ shortcut_grad at the rows on its stride grid)
 //   stats_partials     per-tile (count, mean, M2) [3, P, C]
+//   postact_out        out = relu(y * scale + shift + s), s = sc (identity shortcut) or
+//                      sc * sc_scale + sc_shift (projection with its BN): a post-activation
+//                      block's closing pass
+//   postact_out_back   g' = grad * [z > 0] (z the closing pass's pre-ReLU value), sums [2, P, C]
+//                      of g' and g' * (y - mean) * invstd, and with a projection the sums of g'
+//                      and g' * (sc - sc_mean) * sc_invstd, taken of g' as stored
 //
 // P = ceil(M / kConvTileM). Vectors and partials in the accumulation type (fp32, fp64 for fp64
 // data); data tensors in one storage dtype. Each kernel is one block algorithm whose phases run
@@ -59,6 +65,40 @@ struct StatsPartialsParams {
   void* partials;  // [3, P, C]
   int64_t M, C;
 };
+
+struct PostactOutParams {
+  const void* y;
+  const void* sc;
+  const void* scale;
+  const void* shift;
+  const void* sc_scale;  // both null: identity shortcut
+  const void* sc_shift;
+  void* out;
+  int64_t M, C;
+};
+
+struct PostactOutBackwardParams {
+  const void* grad;
+  const void* y;
+  const void* sc;
+  const void* scale;
+  const void* shift;
+  const void* sc_scale;  // all four null: identity shortcut
+  const void* sc_shift;
+  const void* mean;
+  const void* invstd;
+  const void* sc_mean;
+  const void* sc_invstd;
+  void* out;
+  void* sums;     // [2, P, C]
+  void* sc_sums;  // [2, P, C] or null
+  int64_t M, C;
+};
+
+cudaError_t postact_out_cuda(const PostactOutParams& p, ConvDtype dtype, cudaStream_t stream);
+cudaError_t postact_out_backward_cuda(const PostactOutBackwardParams& p, ConvDtype dtype, cudaStream_t stream);
+void postact_out_host(const PostactOutParams& p, ConvDtype dtype);
+void postact_out_backward_host(const PostactOutBackwardParams& p, ConvDtype dtype);
 
 cudaError_t bn_relu_apply_cuda(const BnReluApplyParams& p, ConvDtype dtype, cudaStream_t stream);
 cudaError_t relu_grad_sums_cuda(const ReluGradSumsParams& p, ConvDtype dtype, cudaStream_t stream);

@@ -102,6 +102,18 @@ struct ConvFwdParams {
   void* partials;  // [3, P, C_out]
   const void* post_scale;  // out = relu(out * post_scale + post_shift)
   const void* post_shift;
+  // Eval-mode BatchNorms from their buffers: with *_mean/*_var set, the matching scale/shift
+  // pointers hold the norm's weight/bias (null: 1/0) and the kernel forms the affine itself
+  // (channel_affine in conv_tile.cuh). Null *_mean: scale/shift are the affine.
+  const void* pro_mean = nullptr;
+  const void* pro_var = nullptr;
+  double pro_eps = 0.0;
+  const void* proj_mean = nullptr;
+  const void* proj_var = nullptr;
+  double proj_eps = 0.0;
+  const void* post_mean = nullptr;
+  const void* post_var = nullptr;
+  double post_eps = 0.0;
   int algo;  // ConvFwdAlgo
 };
 
@@ -146,7 +158,7 @@ struct ConvWgradParams {
   const void* pro_b;
   const void* pro_c;
   const void* v;      // [N, H, W, C_in]
-  const void* scale;
+  const void* scale;  // null (with shift): no BN+ReLU on v
   const void* shift;
   void* workspace;    // [splits, C_out, C_in/groups, k*k] in the accumulation type
   void* dw;           // (C_out, C_in/groups, k, k) in the grad dtype

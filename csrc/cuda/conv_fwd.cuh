@@ -36,6 +36,9 @@ struct FwdProblem {
     Acc* partials;
     const Acc* post_scale;
     const Acc* post_shift;
+    // Eval-mode BatchNorms read from their buffers (channel_affine): mean null = scale/shift given.
+    const Acc *pro_mean, *pro_var, *proj_mean, *proj_var, *post_mean, *post_var;
+    Acc pro_eps, proj_eps, post_eps;
     // Derived once on the host (make_fwd_args).
     int64_t M, cin_pg, cout_pg, tiles_m;
     int tiles_n_per_group, k_chunks, main_steps, proj_steps;
@@ -133,13 +136,18 @@ struct FwdProblem {
           if (ih >= 0 && ih < a.H_in && iw >= 0 && iw < a.W_in) {
             const int64_t c = blk.group * a.cin_pg + k;
             value = static_cast<Acc>(widen(a.x[((img * a.H_in + ih) * a.W_in + iw) * a.C_in + c]));
-            if (a.scale != nullptr) value = relu_keep_nan(value * a.scale[c] + a.shift[c]);
+            if (a.scale != nullptr || a.pro_mean != nullptr) {
+              value = relu_keep_nan(channel_affine(value, c, a.scale, a.shift, a.pro_mean, a.pro_var, a.pro_eps));
+            }
           }
         } else {
           const int64_t ih = static_cast<int64_t>(s.row_h[r]) * a.shortcut_stride;
           const int64_t iw = static_cast<int64_t>(s.row_w[r]) * a.shortcut_stride;
           value = static_cast<Acc>(widen(a.shortcut[((img * a.H_sc + ih) * a.W_sc + iw) * a.C_sc + k]));
-          if (a.proj_scale != nullptr) value = relu_keep_nan(value * a.proj_scale[k] + a.proj_shift[k]);
+          if (a.proj_scale != nullptr || a.proj_mean != nullptr) {
+            value = relu_keep_nan(
+                channel_affine(value, k, a.proj_scale, a.proj_shift, a.proj_mean, a.proj_var, a.proj_eps));
+          }
         }
       }
       as[r * kLdA + kk] = Narrow<T>::from(value);
@@ -187,8 +195,9 @@ struct FwdProblem {
       const Acc stored_wide = static_cast<Acc>(widen(stored));
       c[r * kLdC + j] = stored_wide;
       T out = stored;
-      if (a.post_scale != nullptr) {
-        out = Narrow<T>::from(relu_keep_nan(stored_wide * a.post_scale[col] + a.post_shift[col]));
+      if (a.post_scale != nullptr || a.post_mean != nullptr) {
+        out = Narrow<T>::from(relu_keep_nan(
+            channel_affine(stored_wide, col, a.post_scale, a.post_shift, a.post_mean, a.post_var, a.post_eps)));
       }
       const int64_t m = (static_cast<int64_t>(img) * a.H_out + s.row_h[r]) * a.W_out + s.row_w[r];
       a.out[m * a.C_out + col] = out;
@@ -240,6 +249,15 @@ typename FwdProblem<T>::Args make_fwd_args(const ConvFwdParams& p, dim3& grid) {
   a.partials = static_cast<Acc*>(p.partials);
   a.post_scale = static_cast<const Acc*>(p.post_scale);
   a.post_shift = static_cast<const Acc*>(p.post_shift);
+  a.pro_mean = static_cast<const Acc*>(p.pro_mean);
+  a.pro_var = static_cast<const Acc*>(p.pro_var);
+  a.pro_eps = static_cast<Acc>(p.pro_eps);
+  a.proj_mean = static_cast<const Acc*>(p.proj_mean);
+  a.proj_var = static_cast<const Acc*>(p.proj_var);
+  a.proj_eps = static_cast<Acc>(p.proj_eps);
+  a.post_mean = static_cast<const Acc*>(p.post_mean);
+  a.post_var = static_cast<const Acc*>(p.post_var);
+  a.post_eps = static_cast<Acc>(p.post_eps);
   a.M = p.N * p.H_out * p.W_out;
   a.cin_pg = p.C_in / p.groups;
   a.cout_pg = p.C_out / p.groups;

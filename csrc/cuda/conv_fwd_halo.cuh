@@ -116,7 +116,9 @@ struct HaloPhases {
       if (k < a.cin_pg && ih >= 0 && ih < a.H_in && iw >= 0 && iw < a.W_in) {
         const int64_t c = blk.group * a.cin_pg + k;
         value = static_cast<Acc>(widen(a.x[((blk.img * a.H_in + ih) * a.W_in + iw) * a.C_in + c]));
-        if (a.scale != nullptr) value = relu_keep_nan(value * a.scale[c] + a.shift[c]);
+        if (a.scale != nullptr || a.pro_mean != nullptr) {
+          value = relu_keep_nan(channel_affine(value, c, a.scale, a.shift, a.pro_mean, a.pro_var, a.pro_eps));
+        }
       }
       patch[p * kLd + kk] = Narrow<T>::from(value);
     }

@@ -104,6 +104,21 @@ RF_HD Acc relu_keep_nan(Acc v) {
   return v < Acc(0) ? Acc(0) : v;
 }
 
+// The per-channel affine of a conv operand or epilogue: v * scale[c] + shift[c], or, when `mean`
+// is given (an eval-mode BatchNorm read straight from its buffers), with scale = weight[c] /
+// sqrt(var[c] + eps) and shift = bias[c] - mean[c] * scale (weight/bias null: 1/0), in the
+// finalize's operation order (bn_reduce.cu), so both routes give the same affine.
+template <typename Acc>
+RF_HD Acc channel_affine(Acc v, int64_t c, const Acc* scale, const Acc* shift, const Acc* mean, const Acc* var,
+                         Acc eps) {
+  if (mean == nullptr) return v * scale[c] + shift[c];
+  const Acc invstd = Acc(1) / static_cast<Acc>(sqrt(var[c] + eps));
+  const Acc s = scale != nullptr ? invstd * scale[c] : invstd;
+  Acc b = -mean[c] * s;
+  if (shift != nullptr) b += shift[c];
+  return v * s + b;
+}
+
 // ---- epilogue pieces shared with the elementwise kernels (bn_elementwise.cu) ----------------
 
 // g' = value * [v * scale + shift > 0] (NaN in v masks to 0, as in the Triton kernels), stored in

@@ -68,7 +68,8 @@ struct WgradProblem {
 
   // A [kBM x kBK] = dy^T: A[n, m] = a*g + b*y + c at output row m, channel n (zero past the
   // split or the channels, after the affine). B [kBK x kBN]: relu(v * scale + shift) at the input
-  // row this tap reads for output row m, zero at padding (in the ACTIVATED domain).
+  // row this tap reads for output row m, zero at padding (in the ACTIVATED domain); without
+  // scale/shift (null) the raw input v itself, a plain conv's wgrad.
   static RF_HD void load(const Block& blk, int step, int tid, TileSmem<T, Acc>& s, const Args& a) {
     const int64_t m0 = blk.m_begin + static_cast<int64_t>(step) * kBK;
     T* as = s.a();
@@ -107,7 +108,7 @@ struct WgradProblem {
         if (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W) {
           const int64_t c = blk.group * a.cin_pg + c_local;
           const Acc v = static_cast<Acc>(widen(a.v[((img * a.H + ih) * a.W + iw) * a.C_in + c]));
-          value = relu_keep_nan(v * a.scale[c] + a.shift[c]);
+          value = a.scale != nullptr ? relu_keep_nan(v * a.scale[c] + a.shift[c]) : v;
         }
       }
       bs[kk * kLdB + j] = Narrow<T>::from(value);

@@ -19,7 +19,7 @@ struct WmmaHostCounts {
 };
 WmmaHostCounts wmma_host_counts();
 
-// TEST ONLY (tests/test_cuda_kernels.py): faults injected into COPIES of the forward's WMMA
+// TEST ONLY (tests/test_cuda_wmma_faults.py): faults injected into COPIES of the forward's WMMA
 // multiply phases (the per-tap kernel's WmmaMma::step and the halo kernel's HaloWmma::halo_step),
 // run by the host emulator only, for fp16/bf16. The shipped phases are untouched; the copies are
 // reachable only through the CPU-only op resnet_fused::_test_fault_wmma_conv_fwd_cuda.

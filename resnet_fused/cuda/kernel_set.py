@@ -2,10 +2,10 @@
 
 Every pass over activations is a C++ kernel of ``resnet_fused._C`` (``kernels.py``): the fused
 convs (the 3x3 always fused: there is no hybrid here), dgrad, wgrad, the statistics and the
-elementwise BN/ReLU passes. The two per-channel reductions over partials, ``finalize`` ([3, P, C]
--> mean, var, scale, shift) and ``bn_backward_coefficients`` ([2, P, C] -> dgamma, dbeta, A, B,
-C), touch P x C numbers (P = N*H*W / 64) and run as a few torch ops: fixed-order reductions,
-deterministic, no host synchronisation.
+elementwise BN/ReLU passes, and the two per-channel reductions over partials, ``finalize`` ([3, P, C]
+-> mean, var, invstd, scale, shift with the running update) and ``bn_backward_coefficients``
+([2, P, C] -> dgamma, dbeta, A, B, C): one C++ op each, split over many blocks with a fixed merge
+order (bitwise reproducible, no host synchronisation).
 """
 from __future__ import annotations
 
@@ -14,46 +14,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _extension, reference
+from .. import _extension
 from ..fused.kernel_set import BNBackward
 from . import kernels
 
-__all__ = ["CUDA", "CudaKernels", "merge_partials"]
-
-
-def merge_partials(part: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) per channel from per-tile (count, mean, M2) partials [3, P, C]:
-    Chan's merge in closed form, M2 = sum M2_p + sum n_p (mean_p - mean)^2."""
-    count, tile_mean, m2 = part.unbind(0)
-    total = count.sum(0)
-    mean = (count * tile_mean).sum(0) / total
-    var = (m2.sum(0) + (count * (tile_mean - mean).square()).sum(0)) / total
-    return mean, var
-
-
-def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor,
-            var: Tensor, count: int, momentum: Optional[float]) -> None:
-    """nn.BatchNorm2d's running update as few torch ops (``count`` = values per channel, a host
-    number from the shapes; no host sync): an empty batch moves nothing and still counts."""
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if count == 0:
-            return
-        ct = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-        # The cumulative factor in fp32 from the device counter (issue 12), else the momentum.
-        factor = 1.0 / num_batches_tracked.to(ct) if momentum is None else momentum
-        for buf, new in ((running_mean, mean), (running_var, var * (count / max(count - 1, 1)))):
-            if buf.dtype == ct:
-                buf.lerp_(new.to(ct), factor)
-            else:
-                buf.copy_(buf.to(ct).lerp_(new.to(ct), factor))
+__all__ = ["CUDA", "CudaKernels"]
 
 
 class CudaKernels:
     name = "cuda"
-    #: Eval-mode affines are torch ops here (the C++ conv takes scale/shift only).
-    affine_from_stats = False
+    #: Eval-mode affines are formed inside the C++ conv kernels from the norm's running statistics.
+    affine_from_stats = True
 
     def stats_partials(self, x: Tensor) -> Tensor:
         return kernels.channel_stats_partials(x)
@@ -68,32 +39,14 @@ class CudaKernels:
         pad = k // 2
         return _extension.conv_fwd_tiles_m(n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, k)
 
-    def _finalize(self, part, weight, bias, eps, *, running_mean=None, running_var=None, num_batches_tracked=None,
-                  momentum=0.1, update=False, from_running=False, dtype=None, count=None) -> tuple[Tensor, ...]:
-        if from_running:
-            ct = dtype if dtype is not None else reference.stats_dtype(running_mean.dtype)
-            mean, var = running_mean.to(ct), running_var.to(ct)
-        else:
-            mean, var = merge_partials(part)
-            if update and running_mean is not None and running_mean.numel() > 0:
-                if count is None:
-                    raise ValueError("the CUDA kernel set's running update needs count (values per channel)")
-                _update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
-        return mean, var, invstd, scale, shift
-
     def finalize_stats(self, part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                        **kwargs) -> Tensor:
-        """[5, C] (mean, var, invstd, scale, shift); the running update (``update``) as torch ops."""
-        return torch.stack(self._finalize(part, weight, bias, eps, **kwargs))
+        """[5, C] (mean, var, invstd, scale, shift) and, with ``update``, the running update: one C++ op."""
+        return kernels.finalize_stats(part, weight, bias, eps, **kwargs)
 
     def finalize(self, part: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, **kwargs):
         """(mean, var, scale, shift), separate tensors."""
-        mean, var, _, scale, shift = self._finalize(part, weight, bias, eps, **kwargs)
+        mean, var, _, scale, shift = kernels.finalize_stats(part, weight, bias, eps, **kwargs).unbind(0)
         return mean, var, scale, shift
 
     def conv(self, x: Tensor, weight: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
@@ -117,14 +70,7 @@ class CudaKernels:
         return kernels.relu_grad_sums(grad, v, scale, shift, mean, invstd, extra)
 
     def bn_backward_coefficients(self, part, weight, mean, invstd, count, training) -> BNBackward:
-        dbeta, dgamma = part[0].sum(0), part[1].sum(0)
-        a = invstd * weight.to(invstd.dtype) if weight is not None else invstd.clone()
-        if training:
-            b = -a * invstd * dgamma / count
-            c = -a * dbeta / count - b * mean
-        else:
-            b, c = torch.zeros_like(a), torch.zeros_like(a)
-        return BNBackward(dgamma, dbeta, a, b, c)
+        return kernels.bn_backward_coefficients(part, weight, mean, invstd, count, training)
 
     def bn_backward_apply(self, g, v, coeff, shortcut_grad=None, shortcut_stride=1):
         return kernels.bn_backward_apply(g, v, coeff, shortcut_grad, shortcut_stride)

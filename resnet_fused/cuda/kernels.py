@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, GradPrologue
+from ..fused.kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, BNBackward, GradPrologue
 
 __all__ = ["SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "GradPrologue", "bn_relu_conv", "conv_dgrad",
            "conv_wgrad", "bn_relu_apply", "relu_grad_sums", "bn_backward_apply", "channel_stats_partials",
+           "finalize_stats", "bn_backward_coefficients", "postact_out", "postact_out_backward", "plain_conv_wgrad",
            "launch_counts", "reset_launch_counts"]
 
 
@@ -66,6 +67,19 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A norm's per-channel buffer or parameter as the C++ ops take it (float32 or float64)."""
+    return t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _stats(stats: Optional[tuple]):
+    """(mean, var, eps) of an eval-mode norm read from its buffers, or (None, None, 0.0)."""
+    if stats is None:
+        return None, None, 0.0
+    mean, var, eps = stats
+    return _vec(mean), _vec(var), float(eps)
+
+
 def _prologue(prologue, dtype: torch.dtype):
     if prologue is None:
         return None, None, None, None
@@ -90,6 +104,9 @@ def bn_relu_conv(
     post_scale: Optional[Tensor] = None,
     post_shift: Optional[Tensor] = None,
     conv3x3_algo: Optional[str] = None,
+    scale_stats: Optional[tuple] = None,
+    proj_stats: Optional[tuple] = None,
+    post_stats: Optional[tuple] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues (C++ kernel).
 
@@ -100,16 +117,30 @@ def bn_relu_conv(
     relu(out * post_scale + post_shift) instead (eval mode's folded next BN).
     ``conv3x3_algo``: "auto" | "per_tap" | "halo" (None: RESNET_FUSED_CUDA_CONV3X3, else "auto");
     it only matters for a 3x3, and "halo" needs stride 1 or 2.
+    ``scale_stats`` / ``proj_stats`` / ``post_stats`` = (running_mean, running_var, eps): an
+    eval-mode norm read from its buffers, whose weight and bias (or None) are then in the matching
+    scale/shift slots; the kernel forms the affine itself (no finalize launch).
     Returns (out in channels_last, partials [3, P, C_out] or None).
     """
     ops = _ops()
     dtype = x.dtype
     algo = _conv3x3_algo(conv3x3_algo) if weight.shape[-1] == 3 else 0
+    pro_m, pro_v, pro_eps = _stats(scale_stats)
+    proj_m, proj_v, proj_eps = _stats(proj_stats)
+    post_m, post_v, post_eps = _stats(post_stats)
+    if scale_stats is not None:
+        scale, shift = _vec(scale), _vec(shift)
+    if proj_stats is not None:
+        proj_scale, proj_shift = _vec(proj_scale), _vec(proj_shift)
+    if post_stats is not None:
+        post_scale, post_shift = _vec(post_scale), _vec(post_shift)
+    args = (x, weight.to(dtype), scale, shift, stride, groups,
+            _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
+            _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
+    if scale_stats is not None or proj_stats is not None or post_stats is not None:
+        args += (pro_m, pro_v, pro_eps, proj_m, proj_v, proj_eps, post_m, post_v, post_eps)
     _LAUNCHES["conv_fwd_cuda"] += 1
-    out, partials = ops.conv_fwd_cuda(
-        x, weight.to(dtype), scale, shift, stride, groups,
-        _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
-        _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
+    out, partials = ops.conv_fwd_cuda(*args)
     return out, (partials if emit_stats else None)
 
 
@@ -183,3 +214,94 @@ def channel_stats_partials(x: Tensor) -> Tensor:
     ops = _ops()
     _LAUNCHES["stats_partials_cuda"] += 1
     return ops.stats_partials_cuda(x)
+
+
+# --- per-channel reductions (csrc/cuda/bn_reduce.cu) ------------------------------------------
+
+
+def finalize_stats(
+    part: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,
+    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+    update: bool = False, from_running: bool = False, dtype: Optional[torch.dtype] = None,
+    count: Optional[int] = None,
+) -> Tensor:
+    """[5, C] = (mean, biased var, invstd, scale, shift) of one BatchNorm, one C++ op call
+    (same contract as ``resnet_fused.triton.stats.bn_finalize_stats``).
+
+    From the partials [3, P, C] (train), or from the running statistics (``from_running``: an
+    eval or frozen norm; ``part`` may be None, ``dtype`` then gives the statistics dtype, default
+    fp32, fp64 for fp64 buffers). With ``update`` the same op moves ``running_mean`` /
+    ``running_var`` with nn.BatchNorm2d's formulas (unbiased variance; an empty batch moves
+    nothing) and adds 1 to ``num_batches_tracked``; ``momentum=None`` is the cumulative average,
+    its factor 1 / num_batches_tracked computed on the device (fp32, fp64 for fp64 buffers). No
+    host synchronisation. ``count`` is accepted for the KernelSet interface; the kernel merges
+    the partials' own counts.
+    """
+    ops = _ops()
+    has_running = running_mean is not None and running_mean.numel() > 0
+    update = update and not from_running and has_running
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    keep_running = update or from_running
+    _LAUNCHES["bn_finalize_cuda"] += 1
+    return ops.bn_finalize_cuda(
+        part, weight, bias, running_mean if keep_running else None, running_var if keep_running else None,
+        num_batches_tracked if update else None, float(eps), None if momentum is None else float(momentum),
+        update, from_running, dtype)
+
+
+def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, count: int,
+                             training: bool) -> BNBackward:
+    """(dgamma, dbeta, A, B, C) of one BatchNorm's backward from the partial sums [2, P, C]
+    (same contract as ``resnet_fused.triton.bn_backward.bn_backward_coefficients``); ``count`` is
+    the values per channel, ``training`` False (a frozen norm) gives B = C = 0."""
+    ops = _ops()
+    _LAUNCHES["bn_backward_coefficients_cuda"] += 1
+    return BNBackward(*ops.bn_backward_coefficients_cuda(part, weight, mean, invstd, float(count), bool(training)))
+
+
+# --- post-activation closing pass and first-conv weight gradient ------------------------------
+
+
+def postact_out(y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor, sc_scale: Optional[Tensor] = None,
+                sc_shift: Optional[Tensor] = None) -> Tensor:
+    """relu(y * scale + shift + sc) (identity) or relu(y * scale + shift + sc * sc_scale + sc_shift)
+    (projection), per channel, channels_last, in y's dtype (same contract as
+    ``resnet_fused.triton.postact_elementwise.postact_out``)."""
+    ops = _ops()
+    dtype = y.dtype
+    _LAUNCHES["postact_out_cuda"] += 1
+    return ops.postact_out_cuda(y, scale, shift, sc.to(dtype), sc_scale, sc_shift)
+
+
+def postact_out_backward(
+    grad: Tensor, y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, sc: Tensor,
+    sc_scale: Optional[Tensor] = None, sc_shift: Optional[Tensor] = None, sc_mean: Optional[Tensor] = None,
+    sc_invstd: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(g' = grad * [z > 0], partial sums [2, P, C] over y, partial sums [2, P, C] over the
+    projection's yd or None); same contract as the Triton ``postact_out_backward``. ``sc_*`` all
+    given (a projection with its BN) or all None (identity)."""
+    ops = _ops()
+    dtype = grad.dtype
+    _LAUNCHES["postact_out_backward_cuda"] += 1
+    out, sums, sc_sums = ops.postact_out_backward_cuda(grad, y.to(dtype), scale, shift, mean, invstd, sc.to(dtype),
+                                                       sc_scale, sc_shift, sc_mean, sc_invstd)
+    return out, sums, (sc_sums if sc_scale is not None else None)
+
+
+def plain_conv_wgrad(
+    grad: Tensor, x: Tensor, *, ksize: int = 1, stride: int = 1, prologue: Optional[GradPrologue] = None,
+    stats_dtype: torch.dtype = torch.float32, splits: Optional[int] = None,
+) -> Tensor:
+    """dW (C_out, C_in, k, k) of ``conv2d(x, W, stride, padding=k // 2)`` from its output gradient
+    (BN-backward ``prologue`` applied first), no BN+ReLU on x; same contract as the Triton
+    ``plain_conv_wgrad``; groups 1). The C++ wgrad with its input prologue off; it accumulates in
+    fp32 (fp64 for fp64 data) whatever ``stats_dtype`` says, which only the Triton kernel reads."""
+    ops = _ops()
+    dtype = grad.dtype
+    y, a, b, c = _prologue(prologue, dtype)
+    _LAUNCHES["conv_wgrad_cuda"] += 1
+    return ops.conv_wgrad_cuda(grad, x.to(dtype), None, None, ksize, stride, 1, y, a, b, c,
+                               0 if splits is None else splits)
