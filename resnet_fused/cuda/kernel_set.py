@@ -1,4 +1,4 @@
-"""The CUDA C++ backend's kernel set (``resnet_fused.fused.kernel_set.KernelSet``).
+"""The CUDA C++ backend's kernel set (``resnet_fused.kernel_set.KernelSet``).
 
 Every pass over activations is a C++ kernel of ``resnet_fused._C`` (``kernels.py``): the fused
 convs (the 3x3 always fused: there is no hybrid here), dgrad, wgrad, the statistics and the
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
-from ..fused.kernel_set import BNBackward
+from ..kernel_set import BNBackward, GradPrologue, SavedNorm
 from . import kernels
 
 __all__ = ["CUDA", "CudaKernels", "merge_partials"]
@@ -128,6 +128,45 @@ class CudaKernels:
 
     def bn_backward_apply(self, g, v, coeff, shortcut_grad=None, shortcut_stride=1):
         return kernels.bn_backward_apply(g, v, coeff, shortcut_grad, shortcut_stride)
+
+    # The post-activation methods are composed from the C++ kernels above (and ATen for one
+    # weight gradient) until ``kernels.py`` has one C++ kernel for each:
+    # * closing pass: ``bn_backward_apply`` computes z = A y + B sc + C (both affines at once),
+    #   then ``bn_relu_apply`` the ReLU: two launches and one extra write + read of z;
+    # * its backward: z again, ``relu_grad_sums`` for the mask, then ``relu_grad_sums`` with an
+    #   always-true mask once per norm for the sums over y (and the projection's output);
+    # * the weight gradient over the raw input: dy materialised by ``bn_backward_apply``, then
+    #   ATen's convolution backward.
+
+    def _postact_z(self, y, scale, shift, sc, sc_scale, sc_shift):
+        b = sc_scale if sc_scale is not None else torch.ones_like(scale)
+        c = shift + sc_shift if sc_shift is not None else shift
+        return self.bn_backward_apply(y, sc, BNBackward(None, None, scale, b, c))
+
+    def postact_out(self, y, scale, shift, sc, sc_scale=None, sc_shift=None):
+        z = self._postact_z(y, scale, shift, sc, sc_scale, sc_shift)
+        return self.bn_relu_apply(z, torch.ones_like(scale), torch.zeros_like(shift))
+
+    def postact_out_backward(self, grad: Tensor, y: Tensor, norm: SavedNorm, sc: Tensor,
+                             sc_norm: Optional[SavedNorm] = None):
+        z = self._postact_z(y, norm.scale, norm.shift, sc, sc_norm.scale if sc_norm else None,
+                            sc_norm.shift if sc_norm else None)
+        one, zero = torch.ones_like(norm.scale), torch.zeros_like(norm.scale)
+        g, _ = self.relu_grad_sums(grad, z, one, zero, zero, zero)
+        del z
+        _, part = self.relu_grad_sums(g, y, zero, one, norm.mean, norm.invstd)  # mask always true
+        sc_part = None
+        if sc_norm is not None:
+            _, sc_part = self.relu_grad_sums(g, sc, zero, one, sc_norm.mean, sc_norm.invstd)
+        return g, part, sc_part
+
+    def plain_conv_wgrad(self, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
+                         prologue: Optional[GradPrologue]) -> Tensor:
+        dy = self.bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
+        pad = weight.shape[-1] // 2
+        return torch.ops.aten.convolution_backward(
+            dy, x, weight.to(dy.dtype), None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], 1,
+            [False, True, False])[1]
 
 
 CUDA = CudaKernels()

@@ -25,15 +25,16 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
 from ..fused import postact as fused_postact
+from ..kernel_set import NormInputs, SavedNorm
+from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
 from .blocks import _check_backend, _check_no_double_backward, _kernel_set, _like_weight, runs_fused
 
-__all__ = ["postact_block_forward", "postact_block_backward", "reference_postact_block"]
+__all__ = ["postact_block_forward", "postact_block_backward"]
 
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -42,40 +43,6 @@ def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
 
 def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
     return fold_eval and not any(training)
-
-
-def reference_postact_block(x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
-                            bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
-                            means: Sequence[Tensor], vars_: Sequence[Tensor], training: Sequence[bool],
-                            eps: Sequence[float], strides: Sequence[int], groups: Sequence[int],
-                            record: Optional[dict] = None) -> Tensor:
-    """The post-activation unit in eager PyTorch. A training norm uses batch statistics (and
-    records them); any other uses ``means``/``vars_`` as constants. Nothing is updated."""
-    convs, stats = [], []
-
-    def bn(y: Tensor, i: int) -> Tensor:
-        if training[i]:
-            with torch.no_grad():
-                stats.append(reference.batch_stats(y))
-            return F.batch_norm(y, None, None, bn_weights[i], bn_biases[i], True, 0.0, eps[i])
-        stats.append((means[i].to(reference.stats_dtype(y.dtype)), vars_[i].to(reference.stats_dtype(y.dtype))))
-        return F.batch_norm(y, means[i], vars_[i], bn_weights[i], bn_biases[i], False, 0.0, eps[i])
-
-    h = x
-    last = len(weights) - 1
-    total = 1
-    for i, (w, s, g) in enumerate(zip(weights, strides, groups)):
-        y = F.conv2d(h, w, stride=s, padding=w.shape[-1] // 2, groups=g)
-        convs.append(y)
-        h = bn(y, i)
-        if i < last:
-            h = F.relu(h)
-        total *= s
-    sc = x if w_proj is None else bn(F.conv2d(x, w_proj, stride=total), len(weights))
-    out = F.relu(h + sc)
-    if record is not None:
-        record["convs"], record["stats"] = convs[:-1], stats
-    return out
 
 
 def _outputs(out: Tensor, convs: Sequence[Tensor], n_saved: int, stats) -> list[Tensor]:
@@ -95,13 +62,13 @@ def postact_block_forward(
     _check_backend(backend)
     n_saved = len(weights) - 1
     if runs_fused(x, backend):
-        norms = [fused_postact.NormInputs(w, b, m, v, t, e)
+        norms = [NormInputs(w, b, m, v, t, e)
                  for w, b, m, v, t, e in zip(bn_weights, bn_biases, running_means, running_vars, training, eps)]
         out, convs, affines = fused_postact.postact_forward(
             _kernel_set(backend), x, weights, w_proj, norms, strides=strides, groups=groups, fold_eval=fold_eval)
         return _outputs(out, convs, n_saved, [(a.mean, a.var) for a in affines])
     record: dict = {}
-    out = reference_postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
+    out = reference.postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
                                   training, eps, strides, groups, record)
     convs = [] if _folds(fold_eval, training) else record["convs"]
     return _outputs(out, convs, n_saved, record["stats"])
@@ -149,7 +116,7 @@ def postact_block_backward(
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], backend: str,
 ) -> List[Tensor]:
     """[dx, dW0 .. dW_last, dw_proj (empty without projection), dgamma per norm, dbeta per norm]."""
-    norms = [fused_postact.SavedNorm(w, b, m, v, e, t)
+    norms = [SavedNorm.from_mean_var(w, b, m, v, e, t)
              for w, b, m, v, t, e in zip(bn_weights, bn_biases, means, vars, training, eps)]
     g = fused_postact.postact_backward(_kernel_set(backend), grad_out, x, ys, weights, w_proj, norms,
                                        strides=strides, groups=groups)
@@ -175,7 +142,7 @@ def _reference_grads(ctx, saved: dict, grad_out: Tensor) -> tuple:
     leaf = {k: v.detach().requires_grad_() for k, v in saved.items()
             if k == "x" or k == "w_proj" or k.startswith(("w", "bn_"))}
     with torch.enable_grad():
-        out = reference_postact_block(
+        out = reference.postact_block(
             leaf["x"], [leaf[f"w{i}"] for i in range(n_convs)], leaf.get("w_proj"),
             [leaf[f"bn_weight{i}"] for i in range(n_norms)], [leaf[f"bn_bias{i}"] for i in range(n_norms)],
             [saved[f"mean{i}"] for i in range(n_norms)], [saved[f"var{i}"] for i in range(n_norms)],
@@ -213,8 +180,6 @@ postact_block_forward.register_autograd(_backward, setup_context=_setup_context)
 def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> int:
     """MACs of one post-activation unit: its convs and the projection, as eager counts them
     (the closing pass and the BN/ReLU work are not MACs). ``strides`` is the 10th argument (args[6] after x, weights, w_proj)."""
-    from ..flops import conv_macs
-
     strides = args[6] if len(args) > 6 else kwargs["strides"]
     n, _, h, w = x_shape
     shape, total, stride_total = tuple(x_shape), 0, 1
@@ -229,8 +194,6 @@ def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> 
 
 
 def _register_macs() -> None:
-    from ..flops import register_conv_macs
-
     register_conv_macs(torch.ops.resnet_fused.postact_block_forward, _postact_macs)
 
 
