@@ -48,8 +48,9 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import convert_postact, reference
 from .backends import AUTO_CUDA_TABLE, check_backend, resolve_backend
+from .models import ResNetV2
 from .modules import FusedBasicBlock, FusedBottleneck, _FusedBlock
 from .stage import FusedStage, FusedStages, _stage_blocks
 
@@ -391,19 +392,14 @@ def _plain_containers(model: nn.Module) -> None:
 
 def _postact_module(model: nn.Module):
     """``convert_postact`` when ``model`` may hold post-activation blocks (torchvision's or timm's
-    ResNet classes, or this package's fused ones), else None: torchvision and timm stay optional
-    and unimported unless the model comes from them."""
+    ResNet classes, or this package's fused ones), else None."""
     libraries = {type(m).__module__.split(".")[0] for m in model.modules()}
     if not libraries & {"torchvision", "timm", "resnet_fused"}:
         return None
-    from . import convert_postact
-
     return convert_postact
 
 
 def _set_model_backend(model: nn.Module, backend: str) -> None:
-    from .models import ResNetV2  # models imports modules; import here keeps this module light
-
     if isinstance(model, ResNetV2):
         model.backend = backend
 

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cuda import kernels as cuda_kernels
+from .triton import launch as triton_launch
+
 __all__ = ["count_launches", "MODES", "TRITON_SCOPE"]
 
 MODES = ("train_fwd", "train_step", "eval_fwd")
@@ -99,9 +102,6 @@ def count_launches(model: nn.Module, x: torch.Tensor, mode: str, run_kernels: bo
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    from .cuda import kernels as cuda_kernels
-    from .triton import launch as triton_launch
-
     was_training = model.training
     model.train(mode != "eval_fwd")
     try:

@@ -52,6 +52,9 @@ class ResNetStage(nn.Module):
     """A stage: ``blocks``, a ``FusedStage`` of units (an nn.Sequential: timm's key
     ``stages.{i}.blocks.{j}``) that chains the statistics partials between fused blocks."""
 
+    #: Its forward is ``self.blocks(x)``: a ``FusedStages`` chains statistics through it.
+    forward_is_blocks = True
+
     def __init__(self, units: list[nn.Module]):
         super().__init__()
         self.blocks = FusedStage(*units)

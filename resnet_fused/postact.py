@@ -177,7 +177,7 @@ class _PostActBlock(nn.Module):
                 nm.num_batches_tracked.add_(1)
             else:
                 reference.update_running_stats(nm.running_mean, nm.running_var, nm.num_batches_tracked,
-                                               stats[2 * i], stats[2 * i + 1], counts[i], nm.momentum)
+                                               stats[i][0], stats[i][1], counts[i], nm.momentum)
         out = outs[0]
         if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
             return out.contiguous()

@@ -18,7 +18,7 @@ fp64 inputs) whatever the storage dtype, activations are stored in the input's d
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ __all__ = [
     "bn_relu",
     "bn_relu_conv",
     "bn_scale_shift",
+    "postact_block",
     "preact_basic_block",
     "preact_bottleneck",
     "resolve_shortcut",
@@ -295,6 +296,44 @@ def preact_basic_block(
     if record is not None:
         record.update(stats=[tuple(stats1), tuple(stats2)], convs=[y1])
     return shortcut_add(y2, x, a1, shortcut, stride, w_proj)
+
+
+def postact_block(x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
+                  bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
+                  means: Sequence[Tensor], vars_: Sequence[Tensor], training: Sequence[bool],
+                  eps: Sequence[float], strides: Sequence[int], groups: Sequence[int],
+                  record: Optional[dict] = None) -> Tensor:
+    """A post-activation unit (torchvision's / timm's Bottleneck and BasicBlock): convs, each
+    followed by BN (+ ReLU but the last), closed by ``relu(bn_last(y_last) + shortcut)``, the
+    shortcut x or ``bn_d(conv1x1_s(x))`` (``w_proj``; its norm is the last of the lists). A
+    training norm uses batch statistics (and records them in ``record["stats"]``, the conv
+    outputs but the last in ``record["convs"]``); any other uses ``means``/``vars_`` as
+    constants. Nothing is updated."""
+    convs, stats = [], []
+
+    def bn(y: Tensor, i: int) -> Tensor:
+        if training[i]:
+            with torch.no_grad():
+                stats.append(batch_stats(y))
+            return F.batch_norm(y, None, None, bn_weights[i], bn_biases[i], True, 0.0, eps[i])
+        stats.append((means[i].to(stats_dtype(y.dtype)), vars_[i].to(stats_dtype(y.dtype))))
+        return F.batch_norm(y, means[i], vars_[i], bn_weights[i], bn_biases[i], False, 0.0, eps[i])
+
+    h = x
+    last = len(weights) - 1
+    total = 1
+    for i, (w, s, g) in enumerate(zip(weights, strides, groups)):
+        y = F.conv2d(h, w, stride=s, padding=w.shape[-1] // 2, groups=g)
+        convs.append(y)
+        h = bn(y, i)
+        if i < last:
+            h = F.relu(h)
+        total *= s
+    sc = x if w_proj is None else bn(F.conv2d(x, w_proj, stride=total), len(weights))
+    out = F.relu(h + sc)
+    if record is not None:
+        record["convs"], record["stats"] = convs[:-1], stats
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.modules import module as _module_globals
+
+from .modules import _FusedBlock
+from .ops.blocks import runs_fused
 
 __all__ = ["FusedStage", "FusedStages", "chain_report"]
 
@@ -43,9 +47,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    return any(getattr(m, name, None) for name in (
+    return any(getattr(_module_globals, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_backward_pre_hooks"))
 
@@ -53,9 +55,6 @@ def _global_hooks() -> bool:
 def _fused_block(module: nn.Module, x: Tensor) -> bool:
     """Whether ``module`` is a fused block that runs its fused op for ``x`` and can be called
     through ``_forward_stats`` (no hooks on it: hooks need a normal call)."""
-    from .modules import _FusedBlock
-    from .ops.blocks import runs_fused
-
     if not isinstance(module, _FusedBlock) or _has_hooks(module):
         return False
     backend = module._fused_backend(x)
@@ -110,14 +109,14 @@ class FusedStage(nn.Sequential):
 
 
 def _stage_blocks(stage: nn.Module) -> Optional[FusedStage]:
-    """The FusedStage a stage only wraps (its forward is ``self.blocks(x)``), else None."""
-    from .models import ResNetStage
-
+    """The FusedStage a stage only wraps (its forward is ``self.blocks(x)``: a class that says so
+    itself with ``forward_is_blocks``, not inherited, or timm's ``ResNetStage``), else None."""
     if _has_hooks(stage):
         return None
     cls = type(stage)
+    # sys.modules, not an import: timm stays optional and is looked at only if loaded.
     timm_stage = getattr(sys.modules.get("timm.models.resnetv2"), "ResNetStage", None)
-    if cls is ResNetStage or (timm_stage is not None and cls is timm_stage
+    if cls.__dict__.get("forward_is_blocks", False) or (timm_stage is not None and cls is timm_stage
                               and not getattr(stage, "grad_checkpointing", False)):
         blocks = getattr(stage, "blocks", None)
         if isinstance(blocks, FusedStage) and not _has_hooks(blocks):

@@ -18,7 +18,7 @@ import torch
 
 from cuda_kernel_helpers import REQUIRE_C, _rel_err
 from resnet_fused import _extension
-from resnet_fused.fused.kernel_set import BNBackward
+from resnet_fused.kernel_set import BNBackward
 
 # Error bound per accumulation dtype (max |out - ref| / max |ref|).
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend's kernel set (``resnet_fused.fused.kernel_set.KernelSet``).
+"""The CUDA C++ backend's kernel set (``resnet_fused.kernel_set.KernelSet``).
 
 Every pass over activations is a C++ kernel of ``resnet_fused._C`` (``kernels.py``): the fused
 convs (the 3x3 always fused: there is no hybrid here), dgrad, wgrad, the statistics and the
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..fused.kernel_set import BNBackward
+from ..kernel_set import BNBackward, GradPrologue, SavedNorm
 from . import kernels
 
 __all__ = ["CUDA", "CudaKernels"]
@@ -74,6 +74,20 @@ class CudaKernels:
 
     def bn_backward_apply(self, g, v, coeff, shortcut_grad=None, shortcut_stride=1):
         return kernels.bn_backward_apply(g, v, coeff, shortcut_grad, shortcut_stride)
+
+    def postact_out(self, y, scale, shift, sc, sc_scale=None, sc_shift=None):
+        return kernels.postact_out(y, scale, shift, sc, sc_scale, sc_shift)
+
+    def postact_out_backward(self, grad: Tensor, y: Tensor, norm: SavedNorm, sc: Tensor,
+                             sc_norm: Optional[SavedNorm] = None):
+        if sc_norm is None:
+            return kernels.postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc)
+        return kernels.postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc,
+                                            sc_norm.scale, sc_norm.shift, sc_norm.mean, sc_norm.invstd)
+
+    def plain_conv_wgrad(self, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
+                         prologue: Optional[GradPrologue]) -> Tensor:
+        return kernels.plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue)
 
 
 CUDA = CudaKernels()

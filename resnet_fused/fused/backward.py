@@ -29,26 +29,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernel_set import GradPrologue, KernelSet
+from ..kernel_set import GradPrologue, KernelSet, SavedNorm
 
 __all__ = ["SavedNorm", "bottleneck_backward", "basic_block_backward"]
-
-
-@dataclass
-class SavedNorm:
-    """One BatchNorm as the backward needs it: parameters and the statistics the forward used,
-    ``stats`` [5, C] (or flat [5 * C]) = (mean, biased var, invstd, scale, shift) as the forward's finalize wrote
-    them (fp32, fp64 for fp64 data; batch statistics in train mode, running ones otherwise), so
-    the backward launches nothing to rebuild them."""
-
-    weight: Tensor
-    bias: Tensor
-    stats: Tensor
-    eps: float
-    training: bool
-
-    def __post_init__(self) -> None:
-        self.mean, self.var, self.invstd, self.scale, self.shift = self.stats.view(5, -1).unbind(0)
 
 
 def _channels_last_weight(weight: Tensor) -> bool:

@@ -16,88 +16,42 @@ No autograd here: ``ops/blocks.py`` registers the op, its fake and its backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
-from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, KernelSet
+from ..kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, KernelSet, NormInputs, stats_dtype
 
 __all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward", "last_conv_is_fused"]
 
 _SHORTCUT_CODES = {"identity": SHORTCUT_ADD, "subsample": SHORTCUT_ADD, "projection": SHORTCUT_PROJECTION}
 
 
-@dataclass
-class NormInputs:
-    """One BatchNorm's tensors as the op receives them; ``update``: a training norm moves its
-    running statistics (and ``num_batches_tracked``) inside its finalize launch."""
-
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
-    training: bool
-    eps: float
-    num_batches_tracked: Optional[Tensor] = None
-    momentum: Optional[float] = 0.1
-    update: bool = False
-
-
-class _Affine:
-    """A norm's affine as the kernels take it.
-
-    Either ``stats`` [5, C] = (mean, biased var, invstd, scale, shift) from a finalize launch
-    (train mode, or a frozen norm whose statistics the backward needs), or, for an eval-mode
-    norm on a kernel set that can (``affine_from_stats``), the norm itself: the conv kernel then
-    computes scale and shift per tile from (weight, bias, running mean, running var, eps), and
-    no launch is spent on it.
-    """
-
-    def __init__(self, stats: Optional[Tensor] = None, norm: Optional[NormInputs] = None):
-        self.stats, self.norm = stats, norm
-
-    @property
-    def scale(self) -> Tensor:
-        return self.stats[3]
-
-    @property
-    def shift(self) -> Tensor:
-        return self.stats[4]
-
-    def args(self, scale: str = "scale", shift: str = "shift", stats: str = "scale_stats") -> dict:
-        if self.stats is not None:
-            return {scale: self.stats[3], shift: self.stats[4]}
-        n = self.norm
-        return {scale: n.weight, shift: n.bias, stats: (n.running_mean, n.running_var, n.eps)}
-
-
-def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs, of: Tensor) -> _Affine:
+def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs, of: Tensor) -> Affine:
     """Finalize the partials of ``of`` (the norm's input; its count N*H*W is a host number)."""
-    return _Affine(kernels.finalize_stats(
+    return Affine(kernels.finalize_stats(
         part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
         num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update,
         count=of.numel() // max(of.shape[1], 1)))
 
 
-def _from_running(kernels: KernelSet, norm: NormInputs, data_dtype: torch.dtype, lazy: bool) -> _Affine:
+def _from_running(kernels: KernelSet, norm: NormInputs, data_dtype: torch.dtype, lazy: bool) -> Affine:
     """An eval/frozen norm: lazy (computed inside the conv) where the kernel set can and nothing
     needs the statistics later; else one finalize launch from the running statistics."""
     if lazy and getattr(kernels, "affine_from_stats", False):
-        return _Affine(norm=norm)
-    return _Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
+        return Affine(norm=norm)
+    return Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
                                           running_var=norm.running_var, from_running=True,
-                                          dtype=reference.stats_dtype(data_dtype)))
+                                          dtype=stats_dtype(data_dtype)))
 
 
-def _materialized(kernels: KernelSet, affine: _Affine, data_dtype: torch.dtype) -> _Affine:
+def _materialized(kernels: KernelSet, affine: Affine, data_dtype: torch.dtype) -> Affine:
     return affine if affine.stats is not None else _from_running(kernels, affine.norm, data_dtype, False)
 
 
-def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Optional[Tensor], lazy: bool) -> _Affine:
+def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Optional[Tensor], lazy: bool) -> Affine:
     if not norm.training:
         return _from_running(kernels, norm, x.dtype, lazy)
     # The statistics partials of x come from the caller (the previous block's last conv took
@@ -105,20 +59,20 @@ def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Opt
     return _from_partials(kernels, in_stats if in_stats is not None else kernels.stats_partials(x), norm, x)
 
 
-def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, y: Tensor, lazy: bool) -> _Affine:
+def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, y: Tensor, lazy: bool) -> Affine:
     """The affine of the norm reading the conv output ``y``."""
     return _from_partials(kernels, part, norm, y) if norm.training else _from_running(kernels, norm, y.dtype, lazy)
 
 
-def _prologue(affine: Optional[_Affine]) -> dict:
+def _prologue(affine: Optional[Affine]) -> dict:
     return affine.args() if affine is not None else {}
 
 
-def _post(affine: Optional[_Affine]) -> dict:
+def _post(affine: Optional[Affine]) -> dict:
     return affine.args("post_scale", "post_shift", "post_stats") if affine is not None else {}
 
 
-def _shortcut_args(x: Tensor, a1: _Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
+def _shortcut_args(x: Tensor, a1: Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
     if kind == "projection":
         return dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=stride,
                     proj_weight=w_proj, **a1.args("proj_scale", "proj_shift", "proj_stats"))
@@ -132,8 +86,8 @@ def _fused_3x3(kernels: KernelSet, x: Tensor, weight: Tensor, stride: int, group
     return kernels.fuse_3x3(m, c_out // groups, cin_pg * 9, x.dtype, x.device)
 
 
-def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[_Affine], *, stride: int,
-             groups: int, emit_stats: bool, post: Optional[_Affine] = None
+def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[Affine], *, stride: int,
+             groups: int, emit_stats: bool, post: Optional[Affine] = None
              ) -> tuple[Tensor, Optional[Tensor], bool]:
     """A 3x3 conv without shortcut: the fused kernel or the hybrid, as the kernel set says.
 
@@ -154,7 +108,7 @@ def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[_Af
     return y, (kernels.stats_partials(y) if emit_stats else None), False
 
 
-def _last_conv3x3(kernels: KernelSet, y1: Tensor, w2: Tensor, a2: Optional[_Affine], x: Tensor, a1: _Affine,
+def _last_conv3x3(kernels: KernelSet, y1: Tensor, w2: Tensor, a2: Optional[Affine], x: Tensor, a1: Affine,
                   *, kind: str, stride: int, groups: int, w_proj: Optional[Tensor], emit_stats: bool
                   ) -> tuple[Tensor, Optional[Tensor]]:
     """The basic block's second 3x3 with the shortcut, following the 3x3 selector like every

@@ -30,160 +30,33 @@ activation and the output). Then, as in the pre-activation backward (``fused/bac
         activation), the projection's dgrad as a second K-loop into the same accumulator;
         wgrad over the raw x; dx += g'_last for the identity shortcut.
 
-Kernels: the kernel set's (``KernelSet``) plus three post-activation pieces (:class:`PostActKernels`):
-the closing pass, its backward, and a weight gradient over a non-activated input. Triton has
-each as one kernel (``triton/postact_elementwise.py``, ``triton/postact_wgrad.py``). The CUDA
-backend composes them from its existing C++ kernels and ATen (see :class:`CudaPostAct`): not
-fused C++ kernels yet.
+Kernels: the kernel set's (``KernelSet``), whose post-activation methods are the closing pass
+(``postact_out``), its backward (``postact_out_backward``) and the weight gradient over the raw
+input (``plain_conv_wgrad``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
-from .forward import NormInputs  # the pre-activation op's (its running-update fields unused here)
-from .kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, BNBackward, GradPrologue, KernelSet
+from ..kernel_set import (SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, BNBackward, GradPrologue, KernelSet,
+                          NormInputs, SavedNorm, stats_dtype)
 
-__all__ = ["PostActKernels", "TritonPostAct", "CudaPostAct", "postact_kernels", "postact_forward",
-           "postact_backward", "NormInputs", "SavedNorm"]
+__all__ = ["postact_forward", "postact_backward"]
 
 
-@dataclass
-class SavedNorm:
-    """One BatchNorm as the backward needs it: parameters and the statistics the forward used
-    (batch statistics in train mode, running ones otherwise; fp32, fp64 for fp64 data)."""
-
-    weight: Tensor
-    bias: Tensor
-    mean: Tensor
-    var: Tensor
-    eps: float
-    training: bool
-
-    def __post_init__(self) -> None:
-        self.invstd = torch.rsqrt(self.var + self.eps)
-        self.scale = self.weight.to(self.var.dtype) * self.invstd
-        self.shift = self.bias.to(self.var.dtype) - self.mean * self.scale
-
-
-# ---------------------------------------------------------------------------------------
-# The post-activation pieces each backend adds to its kernel set
-# ---------------------------------------------------------------------------------------
-
-
-class PostActKernels:
-    """Closing pass, its backward, and the weight gradient of a conv over a raw input."""
-
-    def closing(self, kernels: KernelSet, y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor,
-                sc_scale: Optional[Tensor], sc_shift: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def closing_backward(self, kernels: KernelSet, grad: Tensor, y: Tensor, norm: SavedNorm, sc: Tensor,
-                         sc_norm: Optional[SavedNorm]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        raise NotImplementedError
-
-    def plain_wgrad(self, kernels: KernelSet, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
-                    prologue: Optional[GradPrologue]) -> Tensor:
-        raise NotImplementedError
-
-
-class TritonPostAct(PostActKernels):
-    """One Triton kernel each."""
-
-    def closing(self, kernels, y, scale, shift, sc, sc_scale, sc_shift):
-        from ..triton.postact_elementwise import postact_out
-
-        return postact_out(y, scale, shift, sc, sc_scale, sc_shift)
-
-    def closing_backward(self, kernels, grad, y, norm, sc, sc_norm):
-        from ..triton.postact_elementwise import postact_out_backward
-
-        if sc_norm is None:
-            return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc)
-        return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc,
-                                    sc_norm.scale, sc_norm.shift, sc_norm.mean, sc_norm.invstd)
-
-    def plain_wgrad(self, kernels, grad, x, weight, *, stride, prologue):
-        from ..triton import configs
-        from ..triton.postact_wgrad import plain_conv_wgrad
-
-        cfg = configs.backward_config(grad.dtype, grad.device)
-        return plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue,
-                                stats_dtype=reference.stats_dtype(grad.dtype), **cfg.wgrad_meta(),
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-class CudaPostAct(PostActKernels):
-    """Composed from the CUDA backend's existing C++ kernels (and ATen for one weight gradient).
-
-    Not fused C++ kernels yet:
-    * closing pass: ``bn_backward_apply`` computes z = A y + B sc + C (both affines at once), then
-      ``bn_relu_apply`` the ReLU: two C++ launches and one extra write + read of z;
-    * its backward: z again, ``relu_grad_sums`` for the mask, then ``relu_grad_sums`` with an
-      always-true mask once per norm for the sums over y (and yd): three or four C++ launches;
-    * the first conv's weight gradient (raw input, no activation recompute): dy materialised by
-      ``bn_backward_apply``, then ATen's convolution backward (cuDNN on a GPU).
-    """
-
-    @staticmethod
-    def _z(kernels, y, scale, shift, sc, sc_scale, sc_shift):
-        b = sc_scale if sc_scale is not None else torch.ones_like(scale)
-        c = shift + sc_shift if sc_shift is not None else shift
-        return kernels.bn_backward_apply(y, sc, BNBackward(None, None, scale, b, c))
-
-    def closing(self, kernels, y, scale, shift, sc, sc_scale, sc_shift):
-        z = self._z(kernels, y, scale, shift, sc, sc_scale, sc_shift)
-        return kernels.bn_relu_apply(z, torch.ones_like(scale), torch.zeros_like(shift))
-
-    def closing_backward(self, kernels, grad, y, norm, sc, sc_norm):
-        z = self._z(kernels, y, norm.scale, norm.shift, sc, sc_norm.scale if sc_norm else None,
-                    sc_norm.shift if sc_norm else None)
-        one, zero = torch.ones_like(norm.scale), torch.zeros_like(norm.scale)
-        g, _ = kernels.relu_grad_sums(grad, z, one, zero, zero, zero)
-        del z
-        _, part = kernels.relu_grad_sums(g, y, zero, one, norm.mean, norm.invstd)  # mask always true
-        sc_part = None
-        if sc_norm is not None:
-            _, sc_part = kernels.relu_grad_sums(g, sc, zero, one, sc_norm.mean, sc_norm.invstd)
-        return g, part, sc_part
-
-    def plain_wgrad(self, kernels, grad, x, weight, *, stride, prologue):
-        dy = kernels.bn_backward_apply(grad, prologue.y, prologue) if prologue is not None else grad
-        return _aten_conv_backward(dy, x, weight, stride, 1, (False, True))[1]
-
-
-_TRITON_POSTACT, _CUDA_POSTACT = TritonPostAct(), CudaPostAct()
-
-
-def postact_kernels(kernels: KernelSet) -> PostActKernels:
-    return _CUDA_POSTACT if kernels.name == "cuda" else _TRITON_POSTACT
-
-
-# ---------------------------------------------------------------------------------------
-# Forward
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Affine:
-    mean: Tensor
-    var: Tensor
-    scale: Tensor
-    shift: Tensor
-
-
-def _affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, dtype: torch.dtype) -> _Affine:
+def _affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, of: Tensor) -> Affine:
+    """One finalize launch: from the partials of ``of`` (a training norm), or from the running
+    statistics (any other)."""
     if norm.training:
-        return _Affine(*kernels.finalize(part, norm.weight, norm.bias, norm.eps))
-    ct = reference.stats_dtype(dtype)
-    mean, var = norm.running_mean.to(ct), norm.running_var.to(ct)
-    scale, shift = reference.bn_scale_shift(mean, var, norm.weight.to(ct), norm.bias.to(ct), norm.eps)
-    return _Affine(mean.clone(), var.clone(), scale, shift)
+        return Affine(kernels.finalize_stats(part, norm.weight, norm.bias, norm.eps,
+                                             count=of.numel() // max(of.shape[1], 1)))
+    return Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
+                                         running_var=norm.running_var, from_running=True,
+                                         dtype=stats_dtype(of.dtype)))
 
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -196,7 +69,7 @@ def _fuse_3x3(kernels: KernelSet, inp: Tensor, weight: Tensor, stride: int, grou
     return kernels.fuse_3x3(n * ho * wo, weight.shape[0] // groups, weight.shape[1] * 9, inp.dtype, inp.device)
 
 
-def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: _Affine, *, stride: int, groups: int,
+def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: Affine, *, stride: int, groups: int,
               emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(bn(h))) with the statistics of its output: the fused kernel, or for a 3x3 where the
     kernel set says so the hybrid (BN+ReLU pass, ATen's conv, statistics pass)."""
@@ -210,7 +83,7 @@ def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: _Affine, *,
 
 
 def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
-                  affines: Sequence[_Affine], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
+                  affines: Sequence[Affine], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
     h = x
     for w, a, s, g in zip(weights[:-1], affines, strides, groups):
         h, _ = kernels.conv(h, w, stride=s, groups=g, post_scale=a.scale, post_shift=a.shift)
@@ -240,14 +113,14 @@ def _total_stride(strides: Sequence[int]) -> int:
 def postact_forward(
     kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, strides: Sequence[int], groups: Sequence[int], fold_eval: bool,
-) -> tuple[Tensor, list[Tensor], list[_Affine]]:
+) -> tuple[Tensor, list[Tensor], list[Affine]]:
     """(out, [y0 .. y_{last-1}] for the backward (none when folded), the affines of every norm:
     one per conv, then the projection's)."""
     x = x.contiguous(memory_format=torch.channels_last)
     n_convs = len(weights)
     fold = fold_eval and not any(nm.training for nm in norms)
     if fold:
-        affines = [_affine(kernels, None, nm, x.dtype) for nm in norms]
+        affines = [_affine(kernels, None, nm, x) for nm in norms]
         return _eval_forward(kernels, x, weights, w_proj, affines, strides, groups), [], affines
     ys: list[Tensor] = []
     affines = []
@@ -258,18 +131,18 @@ def postact_forward(
             y, part = kernels.conv(h, w, stride=s, groups=g, emit_stats=emit)
         else:
             y, part = _act_conv(kernels, h, w, prev, stride=s, groups=g, emit_stats=emit)
-        prev = _affine(kernels, part, norms[i], x.dtype)
+        prev = _affine(kernels, part, norms[i], y)
         ys.append(y)
         affines.append(prev)
         h = y
     sc, sc_scale, sc_shift = x, None, None
     if w_proj is not None:
         yd, part_d = kernels.conv(x, w_proj, stride=_total_stride(strides), emit_stats=norms[n_convs].training)
-        proj = _affine(kernels, part_d, norms[n_convs], x.dtype)
+        proj = _affine(kernels, part_d, norms[n_convs], yd)
         affines.append(proj)
         sc, sc_scale, sc_shift = yd, proj.scale, proj.shift
     last = affines[n_convs - 1]
-    out = postact_kernels(kernels).closing(kernels, ys[-1], last.scale, last.shift, sc, sc_scale, sc_shift)
+    out = kernels.postact_out(ys[-1], last.scale, last.shift, sc, sc_scale, sc_shift)
     return out, ys[:-1], affines
 
 
@@ -317,7 +190,7 @@ def _recompute_last(kernels: KernelSet, ys: Sequence[Tensor], x: Tensor, weights
     if len(ys) == 0:
         return kernels.conv(x, weights[-1], stride=strides[-1], groups=groups[-1])[0]
     prev = norms[len(weights) - 2]
-    affine = _Affine(prev.mean, prev.var, prev.scale, prev.shift)
+    affine = Affine(prev.stats.view(5, -1))
     return _act_conv(kernels, ys[-1], weights[-1], affine, stride=strides[-1], groups=groups[-1],
                      emit_stats=False)[0]
 
@@ -327,7 +200,6 @@ def postact_backward(
     w_proj: Optional[Tensor], norms: Sequence[SavedNorm], *, strides: Sequence[int], groups: Sequence[int],
 ) -> dict:
     """Gradients: ``x``, ``weights`` (list), ``w_proj``, ``bn_weight`` / ``bn_bias`` (lists, one per norm)."""
-    extra = postact_kernels(kernels)
     x = x.contiguous(memory_format=torch.channels_last)
     g = grad_out.contiguous(memory_format=torch.channels_last)
     n_convs = len(weights)
@@ -337,9 +209,9 @@ def postact_backward(
     if w_proj is not None:
         yd, _ = kernels.conv(x, w_proj, stride=total)
         proj_norm = norms[n_convs]
-        g_z, part, part_d = extra.closing_backward(kernels, g, y_last, last_norm, yd, proj_norm)
+        g_z, part, part_d = kernels.postact_out_backward(g, y_last, last_norm, yd, proj_norm)
     else:
-        g_z, part, part_d = extra.closing_backward(kernels, g, y_last, last_norm, x, None)
+        g_z, part, part_d = kernels.postact_out_backward(g, y_last, last_norm, x, None)
     coeffs: list[Optional[BNBackward]] = [None] * len(norms)
     coeffs[n_convs - 1] = _coefficients(kernels, part, y_last, last_norm)
     d_ws: list[Optional[Tensor]] = [None] * n_convs
@@ -359,7 +231,7 @@ def postact_backward(
         coeffs[n_convs] = _coefficients(kernels, part_d, yd, norms[n_convs])
         dyd = kernels.bn_backward_apply(g_z, yd, coeffs[n_convs])
         del yd
-        d_wp = extra.plain_wgrad(kernels, dyd, x, w_proj, stride=total, prologue=None)
+        d_wp = kernels.plain_conv_wgrad(dyd, x, w_proj, stride=total, prologue=None)
     # conv0: its input is x itself, no activation: no ReLU mask (scale 0, shift 1 passes all).
     w0, s0, g0 = weights[0], strides[0], groups[0]
     if w0.shape[-1] == 1 or _fuse_3x3(kernels, x, w0, s0, g0):
@@ -369,7 +241,7 @@ def postact_backward(
         second = dict(second_grad=dyd, second_weight=w_proj, second_stride=total) if dyd is not None else {}
         dx, _ = kernels.conv_dgrad(grad, w0, x, zero, one, zero, zero, stride=s0, groups=g0, prologue=prologue,
                                    **second)
-        d_ws[0] = extra.plain_wgrad(kernels, grad, x, w0, stride=s0, prologue=prologue) if g0 == 1 else \
+        d_ws[0] = kernels.plain_conv_wgrad(grad, x, w0, stride=s0, prologue=prologue) if g0 == 1 else \
             _aten_conv_backward(kernels.bn_backward_apply(grad, prologue.y, prologue), x, w0, s0, g0,
                                 (False, True))[1]
     else:  # hybrid 3x3

@@ -53,7 +53,8 @@ from torch import Tensor
 from .. import reference
 from ..fused import backward as fused_backward
 from ..fused import forward as fused_forward
-from ..fused.kernel_set import KernelSet
+from ..kernel_set import KernelSet
+from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
 
 __all__ = ["bottleneck_forward", "basic_block_forward", "runs_fused", "runs_triton"]
@@ -75,6 +76,10 @@ def runs_fused(x: Tensor, backend: str) -> bool:
 
 
 def _kernel_set(backend: str) -> KernelSet:
+    """The kernel set of ``backend``: the one place a backend name becomes kernels. Loaded on
+    first use, deliberately: importing a backend imports triton (which reads TRITON_INTERPRET
+    once, at its import) or the compiled extension's wrappers, and the package imports without
+    either being touched."""
     if backend == "cuda":
         from ..cuda.kernel_set import CUDA
 
@@ -527,7 +532,7 @@ _register_autograd(basic_block_forward, _basic_backward, _basic_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
-# MACs (resnet_fused.flops): what eager's convolutions of the same block count
+# MACs (resnet_fused.macs): what eager's convolutions of the same block count
 # ---------------------------------------------------------------------------------------
 
 
@@ -538,8 +543,6 @@ def _out(size: int, stride: int) -> int:
 def _bottleneck_macs(x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
                      stride, groups, shortcut, stride_on, *rest, out_shape=None, **kwargs) -> int:
     """conv1 + conv2 + conv3 (+ the projection), shapes in, MACs out."""
-    from ..flops import conv_macs
-
     n, _, h, w = x
     s1 = stride if stride_on == "1x1" else 1
     y1 = (n, w1[0], _out(h, s1), _out(w, s1))
@@ -551,8 +554,6 @@ def _bottleneck_macs(x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means
 
 def _basic_block_macs(x, w1, w2, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
                       stride, *rest, out_shape=None, **kwargs) -> int:
-    from ..flops import conv_macs
-
     n, _, h, w = x
     y1 = (n, w1[0], _out(h, stride), _out(w, stride))
     out = (n, w2[0], y1[2], y1[3])
@@ -561,8 +562,6 @@ def _basic_block_macs(x, w1, w2, w_proj, bn_weights, bn_biases, running_means, r
 
 
 def _register_macs() -> None:
-    from ..flops import register_conv_macs
-
     register_conv_macs(torch.ops.resnet_fused.bottleneck_forward, _bottleneck_macs)
     register_conv_macs(torch.ops.resnet_fused.basic_block_forward, _basic_block_macs)
 

@@ -13,8 +13,8 @@ under TRITON_INTERPRET=1), ``cuda`` (the C++ kernels; their host emulation on CP
 ``fused/postact.py``.
 
 Outputs: [out (channels_last), y0 .. y_{last-1} (the conv outputs the backward needs; empty
-tensors when eval-mode BN is folded), then (mean, biased var) per norm]. Functional: the module
-updates the running statistics from the returned statistics.
+tensors when eval-mode BN is folded), then per norm [5, C] = (mean, biased var, invstd, scale,
+shift)]. Functional: the module updates the running statistics from the returned statistics.
 
 Saved for backward by name: x, y0 .. y_{last-1}, the weights, BN parameters and the per-channel
 statistics. Never an activation, never y_last, the projection output or the block output: the
@@ -25,15 +25,16 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
 from ..fused import postact as fused_postact
+from ..kernel_set import NormInputs, SavedNorm
+from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
 from .blocks import _check_backend, _check_no_double_backward, _kernel_set, _like_weight, runs_fused
 
-__all__ = ["postact_block_forward", "postact_block_backward", "reference_postact_block"]
+__all__ = ["postact_block_forward", "postact_block_backward"]
 
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -44,45 +45,11 @@ def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
     return fold_eval and not any(training)
 
 
-def reference_postact_block(x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
-                            bn_weights: Sequence[Tensor], bn_biases: Sequence[Tensor],
-                            means: Sequence[Tensor], vars_: Sequence[Tensor], training: Sequence[bool],
-                            eps: Sequence[float], strides: Sequence[int], groups: Sequence[int],
-                            record: Optional[dict] = None) -> Tensor:
-    """The post-activation unit in eager PyTorch. A training norm uses batch statistics (and
-    records them); any other uses ``means``/``vars_`` as constants. Nothing is updated."""
-    convs, stats = [], []
-
-    def bn(y: Tensor, i: int) -> Tensor:
-        if training[i]:
-            with torch.no_grad():
-                stats.append(reference.batch_stats(y))
-            return F.batch_norm(y, None, None, bn_weights[i], bn_biases[i], True, 0.0, eps[i])
-        stats.append((means[i].to(reference.stats_dtype(y.dtype)), vars_[i].to(reference.stats_dtype(y.dtype))))
-        return F.batch_norm(y, means[i], vars_[i], bn_weights[i], bn_biases[i], False, 0.0, eps[i])
-
-    h = x
-    last = len(weights) - 1
-    total = 1
-    for i, (w, s, g) in enumerate(zip(weights, strides, groups)):
-        y = F.conv2d(h, w, stride=s, padding=w.shape[-1] // 2, groups=g)
-        convs.append(y)
-        h = bn(y, i)
-        if i < last:
-            h = F.relu(h)
-        total *= s
-    sc = x if w_proj is None else bn(F.conv2d(x, w_proj, stride=total), len(weights))
-    out = F.relu(h + sc)
-    if record is not None:
-        record["convs"], record["stats"] = convs[:-1], stats
-    return out
-
-
-def _outputs(out: Tensor, convs: Sequence[Tensor], n_saved: int, stats) -> list[Tensor]:
+def _outputs(out: Tensor, convs: Sequence[Tensor], n_saved: int, stats: Sequence[Tensor]) -> list[Tensor]:
     cl = torch.channels_last
     saved = [y.contiguous(memory_format=cl) for y in convs] if convs else \
         [out.new_empty((0,)) for _ in range(n_saved)]
-    return [out.contiguous(memory_format=cl)] + saved + [t.clone() for pair in stats for t in pair]
+    return [out.contiguous(memory_format=cl)] + saved + list(stats)
 
 
 @torch.library.custom_op("resnet_fused::postact_block_forward", mutates_args=())
@@ -91,20 +58,24 @@ def postact_block_forward(
     bn_weights: List[Tensor], bn_biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], fold_eval: bool, backend: str,
 ) -> List[Tensor]:
-    """[out, y0 .. y_{last-1}, mean0, var0, mean1, var1, ...] of a post-activation unit."""
+    """[out, y0 .. y_{last-1}, stats0, stats1, ...] of a post-activation unit: per norm (one per
+    conv, then the projection's) ``stats`` [5, C] = (mean, biased var, invstd, scale, shift) as
+    its finalize wrote them (batch statistics for a training norm, running ones otherwise)."""
     _check_backend(backend)
     n_saved = len(weights) - 1
     if runs_fused(x, backend):
-        norms = [fused_postact.NormInputs(w, b, m, v, t, e)
+        norms = [NormInputs(w, b, m, v, t, e)
                  for w, b, m, v, t, e in zip(bn_weights, bn_biases, running_means, running_vars, training, eps)]
         out, convs, affines = fused_postact.postact_forward(
             _kernel_set(backend), x, weights, w_proj, norms, strides=strides, groups=groups, fold_eval=fold_eval)
-        return _outputs(out, convs, n_saved, [(a.mean, a.var) for a in affines])
+        return _outputs(out, convs, n_saved, [a.stats for a in affines])
     record: dict = {}
-    out = reference_postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
+    out = reference.postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
                                   training, eps, strides, groups, record)
     convs = [] if _folds(fold_eval, training) else record["convs"]
-    return _outputs(out, convs, n_saved, record["stats"])
+    stats = [SavedNorm.from_mean_var(w, b, m, v, e, t).stats
+             for w, b, (m, v), e, t in zip(bn_weights, bn_biases, record["stats"], eps, training)]
+    return _outputs(out, convs, n_saved, stats)
 
 
 @postact_block_forward.register_fake
@@ -121,7 +92,7 @@ def _(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, tr
     convs = [x.new_empty((0,)) if fold else
              torch.empty((n, *shape), dtype=x.dtype, device=x.device, memory_format=cl) for shape in shapes[:-1]]
     ct = reference.stats_dtype(x.dtype)
-    return [out] + convs + [x.new_empty((t.shape[0],), dtype=ct) for t in bn_weights for _ in range(2)]
+    return [out] + convs + [x.new_empty((5, t.shape[0]), dtype=ct) for t in bn_weights]
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,20 +108,19 @@ def _setup_context(ctx, inputs, output):
                **{f"y{i}": y for i, y in enumerate(ys)},
                **{f"bn_weight{i}": t for i, t in enumerate(bn_weights)},
                **{f"bn_bias{i}": t for i, t in enumerate(bn_biases)},
-               **{f"mean{i}": stats[2 * i] for i in range(n_norms)},
-               **{f"var{i}": stats[2 * i + 1] for i in range(n_norms)})
+               # flat [5 * C]: per-channel vectors, not activations
+               **{f"stats{i}": stats[i].view(-1) for i in range(n_norms)})
     ctx.mark_non_differentiable(*output[1:])
 
 
 @torch.library.custom_op("resnet_fused::postact_block_backward", mutates_args=())
 def postact_block_backward(
     grad_out: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], w_proj: Optional[Tensor],
-    bn_weights: List[Tensor], bn_biases: List[Tensor], means: List[Tensor], vars: List[Tensor],
+    bn_weights: List[Tensor], bn_biases: List[Tensor], stats: List[Tensor],
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], backend: str,
 ) -> List[Tensor]:
     """[dx, dW0 .. dW_last, dw_proj (empty without projection), dgamma per norm, dbeta per norm]."""
-    norms = [fused_postact.SavedNorm(w, b, m, v, e, t)
-             for w, b, m, v, t, e in zip(bn_weights, bn_biases, means, vars, training, eps)]
+    norms = [SavedNorm(w, b, st, e, t) for w, b, st, t, e in zip(bn_weights, bn_biases, stats, training, eps)]
     g = fused_postact.postact_backward(_kernel_set(backend), grad_out, x, ys, weights, w_proj, norms,
                                        strides=strides, groups=groups)
     out = [g["x"].contiguous(memory_format=torch.channels_last)]
@@ -160,7 +130,7 @@ def postact_block_backward(
 
 
 @postact_block_backward.register_fake
-def _(grad_out, x, ys, weights, w_proj, bn_weights, bn_biases, means, vars, training, eps, strides, groups,
+def _(grad_out, x, ys, weights, w_proj, bn_weights, bn_biases, stats, training, eps, strides, groups,
       backend):
     out = [torch.empty_like(x, memory_format=torch.channels_last)]
     out += [torch.empty_like(w) for w in weights]
@@ -175,10 +145,11 @@ def _reference_grads(ctx, saved: dict, grad_out: Tensor) -> tuple:
     leaf = {k: v.detach().requires_grad_() for k, v in saved.items()
             if k == "x" or k == "w_proj" or k.startswith(("w", "bn_"))}
     with torch.enable_grad():
-        out = reference_postact_block(
+        out = reference.postact_block(
             leaf["x"], [leaf[f"w{i}"] for i in range(n_convs)], leaf.get("w_proj"),
             [leaf[f"bn_weight{i}"] for i in range(n_norms)], [leaf[f"bn_bias{i}"] for i in range(n_norms)],
-            [saved[f"mean{i}"] for i in range(n_norms)], [saved[f"var{i}"] for i in range(n_norms)],
+            [saved[f"stats{i}"].view(5, -1)[0] for i in range(n_norms)],
+            [saved[f"stats{i}"].view(5, -1)[1] for i in range(n_norms)],
             ctx.training, ctx.eps, ctx.strides, ctx.groups)
         grads = torch.autograd.grad(out, list(leaf.values()), grad_out.to(out.dtype), allow_unused=True)
     return dict(zip(leaf, grads))
@@ -193,7 +164,7 @@ def _backward(ctx, grads):
             grads[0], saved["x"], [saved[f"y{i}"] for i in range(n_convs - 1)],
             [saved[f"w{i}"] for i in range(n_convs)], saved.get("w_proj"),
             [saved[f"bn_weight{i}"] for i in range(n_norms)], [saved[f"bn_bias{i}"] for i in range(n_norms)],
-            [saved[f"mean{i}"] for i in range(n_norms)], [saved[f"var{i}"] for i in range(n_norms)],
+            [saved[f"stats{i}"] for i in range(n_norms)],
             ctx.training, ctx.eps, ctx.strides, ctx.groups, ctx.backend)
         g = {"x": out[0], **{f"w{i}": out[1 + i] for i in range(n_convs)},
              "w_proj": out[1 + n_convs] if "w_proj" in saved else None}
@@ -213,8 +184,6 @@ postact_block_forward.register_autograd(_backward, setup_context=_setup_context)
 def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> int:
     """MACs of one post-activation unit: its convs and the projection, as eager counts them
     (the closing pass and the BN/ReLU work are not MACs). ``strides`` is the 10th argument (args[6] after x, weights, w_proj)."""
-    from ..flops import conv_macs
-
     strides = args[6] if len(args) > 6 else kwargs["strides"]
     n, _, h, w = x_shape
     shape, total, stride_total = tuple(x_shape), 0, 1
@@ -229,8 +198,6 @@ def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> 
 
 
 def _register_macs() -> None:
-    from ..flops import register_conv_macs
-
     register_conv_macs(torch.ops.resnet_fused.postact_block_forward, _postact_macs)
 
 

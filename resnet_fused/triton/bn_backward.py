@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..fused.kernel_set import BNBackward
+from ..kernel_set import BNBackward
 from .launch import launch
 from .stats import SPLIT_BLOCK_C, SPLIT_BLOCK_P, split_grid
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..fused.kernel_set import GradPrologue
+from ..kernel_set import GradPrologue
 from .bn_backward import _relu_mask_store_sums
 from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch

@@ -1,4 +1,4 @@
-"""The Triton backend's kernel set (``resnet_fused.fused.kernel_set.KernelSet``): the Triton
+"""The Triton backend's kernel set (``resnet_fused.kernel_set.KernelSet``): the Triton
 launchers with this backend's launch-configuration choice (``configs.py``) applied."""
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..fused.kernel_set import BNBackward
+from ..kernel_set import BNBackward, GradPrologue, SavedNorm, stats_dtype
 from . import configs
 from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_sums
 from .conv import bn_relu_conv
 from .conv_backward import conv_dgrad, conv_wgrad
 from .elementwise import bn_relu_apply
+from .postact_elementwise import postact_out, postact_out_backward
+from .postact_wgrad import plain_conv_wgrad
 from .stats import bn_finalize, bn_finalize_stats, channel_stats_partials
 
 __all__ = ["TRITON", "TritonKernels"]
@@ -97,6 +99,23 @@ class TritonKernels:
 
     def bn_backward_apply(self, g, v, coeff, shortcut_grad=None, shortcut_stride=1):
         return bn_backward_apply(g, v, coeff, shortcut_grad, shortcut_stride)
+
+    def postact_out(self, y, scale, shift, sc, sc_scale=None, sc_shift=None):
+        return postact_out(y, scale, shift, sc, sc_scale, sc_shift)
+
+    def postact_out_backward(self, grad: Tensor, y: Tensor, norm: SavedNorm, sc: Tensor,
+                             sc_norm: Optional[SavedNorm] = None):
+        if sc_norm is None:
+            return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc)
+        return postact_out_backward(grad, y, norm.scale, norm.shift, norm.mean, norm.invstd, sc,
+                                    sc_norm.scale, sc_norm.shift, sc_norm.mean, sc_norm.invstd)
+
+    def plain_conv_wgrad(self, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
+                         prologue: Optional[GradPrologue]) -> Tensor:
+        cfg = configs.backward_config(grad.dtype, grad.device)
+        return plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue,
+                                stats_dtype=stats_dtype(grad.dtype), **cfg.wgrad_meta(),
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 TRITON = TritonKernels()

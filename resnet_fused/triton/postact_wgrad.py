@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..fused.kernel_set import GradPrologue
+from ..kernel_set import GradPrologue
 from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch
 
