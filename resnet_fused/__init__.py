@@ -27,6 +27,7 @@ from .models import (
 )
 from .modules import FusedBasicBlock, FusedBottleneck
 from .postact import FusedPostActBasicBlock, FusedPostActBottleneck, FusedTimmBasicBlock, FusedTimmBottleneck
+from . import interop
 from .ops import batch_stats
 from .reference import PreActBasicBlock, PreActBottleneck
 
@@ -39,7 +40,7 @@ __all__ = [
     "ResNetV2", "create_model", "list_models", "make_block",
     "resnet_v2_18", "resnet_v2_34", "resnet_v2_50", "resnet_v2_101", "resnet_v2_152",
     "resnet_v2_200", "resnext_v2_50_32x4d", "resnext_v2_101_32x8d",
-    "batch_stats",
+    "batch_stats", "interop",
     "convert", "describe", "unconvert",
     "FusedBasicBlock", "FusedBottleneck",
     "FusedPostActBasicBlock", "FusedPostActBottleneck", "FusedTimmBasicBlock", "FusedTimmBottleneck",

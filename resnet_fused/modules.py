@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import reference
+from . import graph_forward, reference
 from .backends import block_backend, resolve_backend
 from .ops import blocks as block_ops
 
@@ -42,8 +42,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 class _FusedBlock:
     """What both fused blocks share: dtype handling, the op call, running statistics."""
-
-    backend: str
 
     def _norms(self) -> list[nn.BatchNorm2d]:
         raise NotImplementedError
@@ -163,7 +161,17 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
     def _kind(self) -> str:
         return "resnext" if self.groups > 1 else "bottleneck"
 
+    _script_forward = graph_forward.PreActBottleneckScript._script_forward
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        if graph_forward.is_fx_proxy(x):
+            return graph_forward.fx_leaf_call(self, x)
         self._check_input(x)
         if self._fused_backend(x) is None:
             return super().forward(x)
@@ -221,7 +229,17 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
     def _kind(self) -> str:
         return "basic"
 
+    _script_forward = graph_forward.PreActBasicScript._script_forward
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        if graph_forward.is_fx_proxy(x):
+            return graph_forward.fx_leaf_call(self, x)
         self._check_input(x)
         if self._fused_backend(x) is None:
             return super().forward(x)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import graph_forward, reference
 from .backends import block_backend, resolve_backend
 from .ops import postact_blocks as postact_ops
 
@@ -82,8 +82,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 class _PostActBlock(nn.Module):
     """What the four drop-ins share: the eager forward, the op call, running statistics."""
 
-    kind: str = "bottleneck"
-    backend: str
+    kind = "bottleneck"
 
     # Subclasses: names of the conv / norm submodules in chain order, strides and groups per conv.
     def _chain(self) -> list[tuple[nn.Conv2d, nn.Module]]:
@@ -127,7 +126,17 @@ class _PostActBlock(nn.Module):
             return False
         return bool(norm.training or norm.running_mean is None)
 
+    _script_forward = graph_forward.PostActScript._script_forward
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        if graph_forward.is_fx_proxy(x):
+            return graph_forward.fx_leaf_call(self, x)
         backend = block_backend(self.backend, x, f"postact_{self.kind}")
         if backend == "reference":
             return self._eager_forward(x)
@@ -192,7 +201,7 @@ class FusedPostActBottleneck(_PostActBlock):
     """torchvision's ``Bottleneck`` (v1.5: stride on the 3x3), fused; ``stride_on="1x1"`` puts
     the stride on conv1 (ResNet v1). Same arguments, submodules and state_dict keys."""
 
-    expansion: int = 4
+    expansion = 4
     kind = "bottleneck"
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
@@ -226,7 +235,7 @@ class FusedPostActBottleneck(_PostActBlock):
 class FusedPostActBasicBlock(_PostActBlock):
     """torchvision's ``BasicBlock``, fused. Same arguments, submodules and state_dict keys."""
 
-    expansion: int = 1
+    expansion = 1
     kind = "basic"
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,

@@ -349,7 +349,27 @@ class BatchNormReLU2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         return torch.relu(super().forward(x))
+
+    def _script_forward(self, x: Tensor) -> Tensor:
+        """nn.BatchNorm2d's forward spelled out for TorchScript (which compiles no ``super()``)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is not None:
+                tracked.add_(1)
+                factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        tracking = not self.training or self.track_running_stats
+        y = F.batch_norm(x, self.running_mean if tracking else None, self.running_var if tracking else None,
+                         self.weight, self.bias, use_batch, factor, self.eps)
+        return torch.relu(y)
 
 
 class Downsample(nn.Module):
@@ -384,11 +404,6 @@ def _make_norm(chs: int, eps: float, momentum: Optional[float]) -> BatchNormReLU
 
 class _PreActBlock(nn.Module):
     """What both reference blocks share: the shortcut and input checking."""
-
-    in_chs: int
-    out_chs: int
-    stride: int
-    shortcut: str
 
     def _init_common(self, in_chs: int, out_chs: Optional[int], bottle_ratio: float, stride: int,
                      groups: int, shortcut: Optional[str], stride_on: str) -> tuple[int, int, int]:

@@ -37,6 +37,8 @@ from torch.nn.modules import module as _module_globals
 from .modules import _FusedBlock
 from .ops.blocks import runs_fused
 
+from . import graph_forward
+
 __all__ = ["FusedStage", "FusedStages", "chain_report"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -92,7 +94,15 @@ class FusedStage(nn.Sequential):
     ``forward(x)`` returns what the ``nn.Sequential`` would; ``unconvert()`` turns it back.
     """
 
+    _script_forward = graph_forward.SequentialScript._script_forward
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._chained_forward(x)
+
+    @torch.jit.unused
+    def _chained_forward(self, x: Tensor) -> Tensor:
         if _global_hooks() or not isinstance(x, Tensor):
             return super().forward(x)
         nchw = _is_nchw(x)
@@ -132,7 +142,15 @@ class FusedStages(nn.Sequential):
     (``_stage_blocks``); any other child is called normally and the chain restarts after it.
     """
 
+    _script_forward = graph_forward.SequentialScript._script_forward
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        return self._chained_forward(x)
+
+    @torch.jit.unused
+    def _chained_forward(self, x: Tensor) -> Tensor:
         if _global_hooks() or not isinstance(x, Tensor):
             return super().forward(x)
         nchw = _is_nchw(x)
