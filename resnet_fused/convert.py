@@ -48,7 +48,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import convert_postact, reference
+from . import convert_postact, interop, reference
 from .backends import AUTO_CUDA_TABLE, check_backend, resolve_backend
 from .models import ResNetV2
 from .modules import FusedBasicBlock, FusedBottleneck, _FusedBlock
@@ -421,6 +421,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     ``backends.resolve_backend`` raises for a backend this installation cannot run, before
     anything is changed.
     """
+    interop.register_timm_leaves()  # the fused blocks as timm's FX leaves, timm being loaded
     _check_model(model, "convert")
     backend = resolve_backend(check_backend(backend))
     skipped: list[tuple[str, str]] = []

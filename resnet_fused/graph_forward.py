@@ -328,8 +328,8 @@ class PostActScript:
             rmean = means[i]
             rvar = vars_[i]
             if training[i] and modes[i] and rmean is not None and rvar is not None:
-                _update_running_stats(rmean, rvar, counters[i], outs[n_convs + 2 * i], outs[n_convs + 2 * i + 1],
-                                      counts[i], moms[i])
+                stats = outs[n_convs + i]  # [5, C] = (mean, biased var, invstd, scale, shift)
+                _update_running_stats(rmean, rvar, counters[i], stats[0], stats[1], counts[i], moms[i])
         return _output_format(x, outs[0])
 
 

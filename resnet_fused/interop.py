@@ -8,8 +8,8 @@ take a leaf list this module names the blocks too:
 * timm: :func:`register_timm_leaves` adds the fused block classes to timm's notrace registry
   (``timm.layers.register_notrace_module``), which timm's ``create_feature_extractor``,
   ``FeatureGraphNet`` and ``features_only=True, feature_cls="fx"`` pass to their tracer. It runs
-  when this package is imported after timm; call it yourself when timm is imported later (or
-  rely on the blocks being leaves either way).
+  when this package is imported after timm and on every ``rf.convert()`` (a timm model being
+  converted means timm is loaded); importing this package never imports timm itself.
 * torchvision: ``create_feature_extractor(model, return_nodes, tracer_kwargs=rf.interop.tracer_kwargs())``.
 
 Stage containers (``FusedStage``, ``FusedStages``) are not leaves: they are traced through, so
@@ -22,7 +22,7 @@ from here either; see ``graph_forward`` for what the scripted forward does.
 """
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import torch.nn as nn
 
@@ -45,10 +45,11 @@ def tracer_kwargs() -> dict:
 
 def register_timm_leaves() -> bool:
     """Register the fused blocks as timm FX leaves (``timm.layers.register_notrace_module``) when
-    timm is installed; whether it was."""
-    if importlib.util.find_spec("timm") is None:
+    timm is loaded; whether it was. Registering twice is harmless (the registry is a set)."""
+    if "timm" not in sys.modules:
         return False
-    # A deliberate lazy import: timm is optional, and only its notrace registry is wanted here.
+    # A deliberate lazy import: timm is optional and already loaded here; only its notrace
+    # registry is wanted.
     from timm.layers import register_notrace_module
 
     for cls in leaf_modules():

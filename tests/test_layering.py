@@ -34,6 +34,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     # 3: the custom ops (the one place a backend name becomes a kernel set); the launch counter
     "resnet_fused.ops": (3, "ops"),
     "resnet_fused.launch_count": (3, "launch_count"),
+    # the blocks' TorchScript / FX forward: op calls by schema (imports only torch)
+    "resnet_fused.graph_forward": (3, "graph_forward"),
     # 4: the nn.Modules
     "resnet_fused.modules": (4, "modules"),
     "resnet_fused.postact": (4, "modules"),
@@ -43,6 +45,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "resnet_fused.convert_postact": (5, "top"),
     "resnet_fused.convert": (5, "top"),
     "resnet_fused.flops": (5, "top"),
+    "resnet_fused.interop": (5, "top"),
     "resnet_fused": (5, "top"),
 }
 #: Groups whose members may import each other within their layer.
