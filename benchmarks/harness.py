@@ -20,6 +20,12 @@ Implementations, by name: ``eager`` (the reference module), ``compile`` (torch.c
 fused backend of ``resnet_fused.available_backends()`` by its name (``triton``, ``cuda``),
 optionally compiled: ``triton+compile``, ``cuda+compile-cudagraphs``. A fused backend that this
 version cannot build is recorded as unavailable, with the package's reason, not an error.
+
+Proof of what ran. A fused row counts the kernel launches of its warm-up call (the Triton and
+CUDA backends' launch counters); a row whose backend launched nothing, or whose module still has
+a block that runs eager (``resnet_fused.describe``), is recorded as an error, never as a timing.
+Each row also records ``host_ms``: the wall time of an unsynchronised call (what the host spends
+launching), beside the device time.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ import torch
 import torch.nn as nn
 
 import resnet_fused
+from resnet_fused.cuda import launch_counts as cuda_launch_counts
+from resnet_fused.triton.launch import launch_counts as triton_launch_counts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,6 +121,8 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "resnet_fused": getattr(resnet_fused, "__version__", "unknown"),
+        "timm": _version_of("timm"),
+        "torchvision": _version_of("torchvision"),
         "available_backends": list(resnet_fused.available_backends()),
         "extension": _extension_status(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
@@ -332,19 +342,20 @@ def parse_impls(text: Optional[str], device: torch.device, with_cudagraphs: bool
 
 def build_implementation(impl: Implementation, build: Callable[[str], nn.Module], reference: nn.Module,
                prepare: Callable[[nn.Module], nn.Module], device: torch.device,
-               compile_mode: str) -> tuple[nn.Module, Callable]:
+               compile_mode: str, cuda_on_cpu: bool = False) -> tuple[nn.Module, Callable]:
     """The module (whose parameters get the gradients) and the callable to time.
 
     ``build(backend)`` makes a fresh module of that backend (CPU, fp32); ``reference`` is the
     eager module, already through ``prepare`` (device, dtype, memory format). A fused module
     gets the reference's weights and BN state, then the same ``prepare``. Raises Unavailable
     for a backend this installation cannot build (or the cuda backend without a GPU) and
-    BuildFailed when an available backend fails to build the module.
+    BuildFailed when an available backend fails to build the module. ``cuda_on_cpu`` (the GPU
+    check's dry run) lets the cuda backend run its host emulator on CPU tensors.
     """
     if impl.backend == "reference":
         module = reference
     else:
-        if impl.backend == "cuda" and device.type != "cuda":
+        if impl.backend == "cuda" and device.type != "cuda" and not cuda_on_cpu:
             raise Unavailable("the cuda backend needs a CUDA GPU")
         if impl.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Unavailable("the triton backend on a CPU needs TRITON_INTERPRET=1 (without it its "
@@ -494,21 +505,61 @@ def peak_memory(fn: Callable[[], Any], device: torch.device,
     return {"peak_mib": round(peak / 2**20, 1), "peak_increment_mib": round((peak - baseline) / 2**20, 1)}
 
 
+def launch_totals() -> dict[str, int]:
+    """Kernel launches so far, per fused backend (the backends' own counters)."""
+    return {"triton": sum(triton_launch_counts().values()), "cuda": sum(cuda_launch_counts().values())}
+
+
+def host_time_ms(fn: Callable[[], Any], device: torch.device, calls: int = 3) -> float:
+    """Median wall time of an unsynchronised call of ``fn`` (the device drained before each):
+    on a GPU, what the host spends issuing the work; on a CPU, the whole call."""
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
+def unfused_blocks(module: nn.Module) -> Optional[str]:
+    """Why ``module`` (a fused row's) would not time fused kernels: no block found, or blocks
+    that run eager (``resnet_fused.describe``); None when every block is fused."""
+    blocks = resnet_fused.describe(module, as_dict=True)
+    if not blocks:
+        return "proof: no pre- or post-activation block found in the module (it would time eager)"
+    eager = [f"{path} ({info.get('runs')})" for path, info in blocks.items() if not info.get("fused")]
+    if eager:
+        return (f"proof: {len(eager)} of {len(blocks)} blocks run eager, not fused: {', '.join(eager[:4])}"
+                + (" ..." if len(eager) > 4 else ""))
+    return None
+
+
 def measure(fn: Callable[[], Any], device: torch.device, plan: TimingPlan,
-            grad_to_none: Sequence[torch.Tensor] = ()) -> dict:
+            grad_to_none: Sequence[torch.Tensor] = (), backend: Optional[str] = None) -> dict:
     """Warm up, time and take the peak memory of ``fn``: the fields of one result row.
 
-    A failure becomes ``status: error`` with its message, so one failing case never loses the
-    rest of a run.
+    ``backend`` (a fused row's): the warm-up call must launch that backend's kernels, else the
+    row is an error (it would time something else under the backend's name). A failure becomes
+    ``status: error`` with its message, so one failing case never loses the rest of a run.
     """
     try:
+        before = launch_totals()
         warmup_s = warm_up(fn, device)
+        after = launch_totals()
+        launches = {k: after[k] - before[k] for k in after}
+        if backend in ("triton", "cuda") and launches[backend] == 0:
+            return {"status": "error", "warmup_launches": launches,
+                    "reason": f"proof: the warm-up call launched 0 {backend} kernels (the row would time eager)"}
+        host_ms = host_time_ms(fn, device)
         timing = time_callable(fn, device, plan, grad_to_none)
         memory = peak_memory(fn, device, grad_to_none)
     except Exception as exc:
         free_memory(device)
         return {"status": "error", "reason": short_error(exc)}
-    row = {"status": "ok", "warmup_s": round(warmup_s, 3), **timing, **memory}
+    row = {"status": "ok", "warmup_s": round(warmup_s, 3), "warmup_launches": launches,
+           "host_ms": round_significant(host_ms, 4), **timing, **memory}
     for key in ("median_ms", "q20_ms", "q80_ms"):
         row[key] = round_significant(row[key], 5)
     return row
@@ -775,12 +826,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_dtype: str, de
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads on a CPU-only run (1: repeatable on small shared machines)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the GPU check's CPU dry run: the cuda backend runs its host emulator, and "
+                             "GPU_CHECK_DRY_RUN_FAULT (benchmarks/faults.py) is read")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="refuse to run (exit 2) when torch sees no CUDA GPU, instead of timing the "
+                             "CPU (the GPU check passes it)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the cuda rows in this process (default: a process of their own, after "
+                             "the other rows, when other implementations run too)")
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
                            device: torch.device, modes: Sequence[str], default_dtype: str,
                            interpreted_triton: bool = True) -> tuple[list[DtypeMode], list[str], list[Implementation]]:
     """Validate the common options; exit through ``parser.error`` with a clear message."""
+    if args.require_gpu and device.type != "cuda":
+        parser.error(f"--require-gpu: torch sees no CUDA GPU (torch.cuda.is_available() is "
+                     f"{torch.cuda.is_available()}, --device {args.device}); refusing to time full-size "
+                     "work on the CPU. Use --dry-run or drop --require-gpu for a CPU run")
     try:
         dtype_names = parse_dtypes(args.dtype, device, default_dtype, "--dtype")
         mode_names = parse_choices(args.modes, modes, "--modes")

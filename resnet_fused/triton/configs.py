@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -93,9 +93,18 @@ TUNE_CONV_CANDIDATES: dict[tuple[int, bool], list[ConvConfig]] = {
 _forced: dict[str, object] = {}
 
 
-def shared_memory_bytes(config: ConvConfig, element_size: int) -> int:
-    """Operand staging of a pipelined GEMM: num_stages copies of the A and B tiles."""
-    return config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+#: Triton's shared memory over the operand staging alone (layout conversions, the epilogue's
+#: scratch, barriers): the sm_90 compile of every selector config used up to 1.36x the staging
+#: (the AOT test holds every compiled kernel to this estimate).
+SHARED_MEMORY_OVERHEAD = 1.4
+
+
+def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_size: int) -> int:
+    """What a pipelined GEMM of ``config`` takes of shared memory, estimated: num_stages copies
+    of the A and B tiles, times :data:`SHARED_MEMORY_OVERHEAD`. A BackwardConfig's tiles are
+    its dgrad's (block_m x block_k and block_k x block_n; its wgrad stages the same sizes)."""
+    staging = config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+    return int(staging * SHARED_MEMORY_OVERHEAD)
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -137,7 +146,7 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
         return measured
     sixteen = dtype in (torch.float16, torch.bfloat16)
     limit = _shared_memory_limit(device)
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize  # no tensor per launch for an element size
     for config in _GPU_TABLE[(ksize, sixteen)]:
         if shared_memory_bytes(config, element) <= limit and _fits(config, n, k):
             return config
@@ -223,9 +232,15 @@ def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Opti
         measured = _tuned_backward(tuned.conv_entry(device, dtype, direction, ksize=ksize, m=m, n=n, k=k))
     if measured is None:
         measured = _tuned_backward(tuned.conv_entry(device, dtype, "backward"))
-    if measured is not None:
-        return measured
-    return BACKWARD_GPU_CONFIGS[dtype in (torch.float16, torch.bfloat16)]
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    limit = _shared_memory_limit(device)
+    # A tuned or default config that would not fit this device's shared memory falls back to
+    # the smallest candidate that does.
+    for config in ([measured] if measured is not None else []) + [BACKWARD_GPU_CONFIGS[sixteen]]:
+        if shared_memory_bytes(config, dtype.itemsize) <= limit:
+            return config
+    fitting = [c for c in TUNE_BACKWARD_CANDIDATES[sixteen] if shared_memory_bytes(c, dtype.itemsize) <= limit]
+    return min(fitting or TUNE_BACKWARD_CANDIDATES[sixteen], key=lambda c: shared_memory_bytes(c, dtype.itemsize))
 
 
 def stats_config(device: torch.device) -> StatsConfig:
