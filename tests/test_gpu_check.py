@@ -78,7 +78,8 @@ def test_dry_run_quick_and_tune(tmp_path):
     bench = json.loads((out / "bench.json").read_text())["result"]
     rows = {(r["impl"], r["status"]) for r in bench["rows"]}
     assert ("cuda", "ok") not in rows and ("triton", "ok") in rows
-    assert all(r["status"] == "ok" for r in bench["rows"] if r["impl"] in ("triton", "eager"))
+    # no triton or eager row failed (the budget may skip some on a busy machine: not a failure)
+    assert all(r["status"] in ("ok", "skipped") for r in bench["rows"] if r["impl"] in ("triton", "eager"))
     assert bench["backend_failures"]["cuda"]["kind"] == "cuda error"
     for row in bench["rows"]:
         if row["status"] == "ok":
