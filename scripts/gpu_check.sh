@@ -50,7 +50,7 @@
 # family (QUICK_BENCH_BLOCKS / QUICK_PARITY_FAMILIES choose the families).
 #
 # $OUT holds at most 8 files, top level only, AT EVERY MOMENT: one <part>.json record per part
-# (build, parity, bench, models; tune, tuned), and logs.tar.gz, rewritten after every part, with
+# (build, parity, bench, models, sanitize; tune, tuned), and logs.tar.gz, rewritten after every part, with
 # every part's full log. Each record embeds what the part produced and the tail of its log, and
 # is written when the part ends, however it ends (its timeout included), so a cut-short run still
 # brings back everything done before the cut. Intermediate files live in a work folder outside
