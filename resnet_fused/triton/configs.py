@@ -91,6 +91,26 @@ TUNE_CONV_CANDIDATES: dict[tuple[int, bool], list[ConvConfig]] = {
 }
 
 _forced: dict[str, object] = {}
+#: A GPU compute capability the selector answers for whatever the tensors' device
+#: (:func:`selecting_for`), or None.
+_select_for: Optional[tuple[int, int]] = None
+
+
+@contextlib.contextmanager
+def selecting_for(capability: tuple[int, int] = (9, 0)) -> Iterator[None]:
+    """Inside the block the selector answers as on a GPU of ``capability`` for CPU tensors too
+    (its heuristic tables, no tuned table): what ``resnet_fused.triton.aot`` records the GPU
+    run's launches under, on a machine without one."""
+    global _select_for
+    saved, _select_for = _select_for, tuple(capability)
+    try:
+        yield
+    finally:
+        _select_for = saved
+
+
+def _as_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" or _select_for is not None
 
 
 #: Triton's shared memory over the operand staging alone (layout conversions, the epilogue's
@@ -108,6 +128,8 @@ def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_siz
 
 
 def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda" and _select_for is not None:
+        return SHARED_MEMORY_LIMITS.get(_select_for, min(SHARED_MEMORY_LIMITS.values()))
     major, minor = torch.cuda.get_device_capability(device)
     return SHARED_MEMORY_LIMITS.get((major, minor), min(SHARED_MEMORY_LIMITS.values()))
 
@@ -137,11 +159,13 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
     """
     if "conv" in _forced:
         return _forced["conv"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         return _INTERPRETER_CONFIG
     if dtype == torch.float64:
         return FP64_GPU_CONFIG
-    measured = _tuned_conv(tuned.conv_entry(device, dtype, "forward", ksize=ksize, m=m, n=n, k=k))
+    measured = None
+    if device.type == "cuda":
+        measured = _tuned_conv(tuned.conv_entry(device, dtype, "forward", ksize=ksize, m=m, n=n, k=k))
     if measured is not None:
         return measured
     sixteen = dtype in (torch.float16, torch.bfloat16)
@@ -174,7 +198,7 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
         measured = tuned.strategy_entry(device, dtype, m, n, k)  # the device's tuned table
         if measured is not None:
             return measured
-    return "hybrid" if device.type == "cuda" else "fused"
+    return "hybrid" if _as_gpu(device) else "fused"
 
 
 #: GPU backward tiles by 16-bit-ness; the AOT test compiles both.
@@ -223,14 +247,14 @@ def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Opti
     """
     if "backward" in _forced:
         return _forced["backward"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         return BackwardConfig(64, 64, 32, 4, 1)
     if dtype == torch.float64:
         return FP64_BACKWARD_CONFIG
     measured = None
-    if direction is not None:
+    if direction is not None and device.type == "cuda":
         measured = _tuned_backward(tuned.conv_entry(device, dtype, direction, ksize=ksize, m=m, n=n, k=k))
-    if measured is None:
+    if measured is None and device.type == "cuda":
         measured = _tuned_backward(tuned.conv_entry(device, dtype, "backward"))
     sixteen = dtype in (torch.float16, torch.bfloat16)
     limit = _shared_memory_limit(device)
@@ -246,7 +270,7 @@ def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Opti
 def stats_config(device: torch.device) -> StatsConfig:
     if "stats" in _forced:
         return _forced["stats"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         # The interpreter runs tl.reduce's merge function element by element in Python: narrow
         # partial blocks keep the merge cheap (about 15x faster at a small model's widths).
         return StatsConfig(block_m=128, block_c=16, block_p=4)
