@@ -335,6 +335,10 @@ def module_plan(batch: int = MODULE_PLAN_BATCH) -> list[tuple[dict, Any, tuple, 
                 xi = x.detach().requires_grad_(True)
                 out = module(xi)
                 out.float().sum().backward()
+        if not calls:
+            # The ops took the eager path for CPU tensors: the dispatch no longer follows
+            # TRITON_INTERPRET per call, and this recording would silently cover nothing.
+            raise RuntimeError(f"module_plan: no Triton launch recorded for {info} ({mode})")
         for kernel, grid, args, meta in calls:
             plan.append((dict(info, mode=mode, kernel=_kernel_name(kernel)), kernel, grid, args, meta))
 
