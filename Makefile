@@ -25,7 +25,7 @@ PY211 := $(VENV211)/bin/python
 TORCH211_TESTS ?= tests/test_triton_aot.py tests/test_triton_forward.py
 TORCH211_SELECT ?= test_triton_aot or (test_forward_parity and bottleneck-projection-s2 and fp16) or (test_backward_parity and bottleneck-projection-s2 and train and fp16) or test_torch_compile_fullgraph
 
-.PHONY: venv build test bench bench-models flops clean venv-torch211 test-torch211 gpu-check-dry-run
+.PHONY: venv build test bench bench-models flops clean venv-torch211 test-torch211 gpu-check-dry-run gpu-check-file gpu-check-plan
 
 venv: $(VENV)/.deps-installed
 
@@ -56,9 +56,20 @@ test-torch211: venv-torch211
 	$(PY211) -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 	RESNET_FUSED_REQUIRE_C=0 $(PY211) -m pytest -p no:cacheprovider --durations=10 $(PYTEST_PARALLEL) $(TORCH211_TESTS) -k "$(TORCH211_SELECT)"
 
-# The CPU dry run of scripts/gpu_check.sh quick + tune (tests/test_gpu_check.py runs it too).
+# The CPU dry run of scripts/gpu_check.sh quick + tune (tests/test_gpu_check.py runs it too, with
+# GPU_CHECK_DRY_RUN_FAULT injecting a CUDA fault and an eager model block).
 gpu-check-dry-run: build
 	OUT=$(or $(OUT),out/dry-run) PYTHON=$(PY) bash scripts/gpu_check.sh --dry-run quick tune
+
+# The GPU quick plan's predicted time per part against its budget.
+gpu-check-plan: venv
+	$(PY) scripts/gpu_plan.py
+
+# File what a GPU run brought back (OUT=<folder>): benchmarks/results/, the tuned table,
+# AUTO_CUDA_TABLE and README's Results section.
+gpu-check-file: venv
+	test -n "$(OUT)" || { echo "make gpu-check-file OUT=<the folder the run's files came back into>"; exit 2; }
+	$(PY) scripts/file_gpu_results.py $(OUT)
 
 bench: build
 	$(PY) benchmarks/bench_blocks.py

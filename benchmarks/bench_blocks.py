@@ -20,6 +20,11 @@ and a wgrad GEMM per forward GEMM), peak memory (absolute and increment, GPU onl
 floor (floor / median, the floor of ``benchmarks/roofline.py`` under the ceilings measured at
 the start of the run) and the speedup against eager and torch.compile of the same run.
 
+The cuda rows run in a process of their own, after the others (``benchmarks/isolate.py``), when
+other implementations run too: a fault in the C++ kernels costs only the cuda rows, recorded as
+errors naming how the process failed (``backend_failures``). Every fused row carries the proof
+of what it ran (``benchmarks/harness.py``: launches of its warm-up call, no block left eager).
+
 On a machine without a GPU it runs small sizes (batch 2, spatial sizes / 8 with at least 4x4,
 widths / 4 keeping the groups' divisibility) in fp32, eager only (plus the Triton backend under
 TRITON_INTERPRET=1 when it is available), and says so on its first line.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import time
@@ -49,7 +55,7 @@ import torch.nn as nn
 import resnet_fused
 from resnet_fused.configs import UnitShape, resnet50_stage_units
 
-from benchmarks import harness, roofline
+from benchmarks import faults, harness, isolate, roofline
 
 #: Block families: the model whose stage units are benchmarked.
 FAMILIES = {"bottleneck": "resnet_v2_50", "basic": "resnet_v2_34", "resnext": "resnext_v2_50_32x4d",
@@ -145,8 +151,7 @@ def build_postact_block(unit: UnitShape, backend: str) -> nn.Module:
     """torchvision's post-activation Bottleneck of ``unit``'s shape (projection shortcut where
     the shape changes) as the fused drop-in; ``backend="reference"`` runs torchvision's own
     forward on the same modules (the eager row)."""
-    from resnet_fused.postact import FusedPostActBottleneck
-
+    FusedPostActBottleneck = resnet_fused.FusedPostActBottleneck
     planes = unit.mid_chs
     if planes * FusedPostActBottleneck.expansion != unit.out_chs or unit.groups != 1:
         raise ValueError(f"{unit.name}: not a torchvision Bottleneck shape (out {unit.out_chs} != 4 x mid "
@@ -257,6 +262,9 @@ class BlockBenchmark:
             return
         try:
             module, run, x, grad_out = self._setup(impl, case, dtype_mode)
+            unfused = harness.unfused_blocks(module) if impl.backend != "reference" else None
+            if unfused is not None:
+                raise harness.BuildFailed(unfused)
         except Exception as exc:  # a case that cannot be set up must not lose the rest of the run
             status = exc.status if isinstance(exc, harness.NotMeasured) else "error"
             reason = str(exc) if isinstance(exc, harness.NotMeasured) else harness.short_error(exc)
@@ -288,16 +296,21 @@ class BlockBenchmark:
         with torch.no_grad(), dtype_mode.context(self.device):
             grad_out = torch.randn_like(reference(x))
         module, run = harness.build_implementation(impl, lambda backend: self._build(case, backend), reference,
-                                                   prepare, self.device, self.args.compile_mode)
+                                                   prepare, self.device, self.args.compile_mode,
+                                                   cuda_on_cpu=self.args.dry_run)
         return module, run, x, grad_out
 
     def _measure(self, mode: str, run: Callable, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
                  dtype_mode: harness.DtypeMode, case: Case, macs: int, plan: harness.TimingPlan,
                  impl_name: str) -> dict:
         fn, grad_to_none = mode_function(mode, run, module, x, grad_out, dtype_mode, self.device)
-        row = harness.measure(fn, self.device, plan, grad_to_none)
+        backend = impl_name.partition("+")[0]
+        row = harness.measure(fn, self.device, plan, grad_to_none,
+                              backend=backend if backend in harness.FUSED_BACKENDS else None)
         if row["status"] != "ok":
             return row
+        if "compile" in impl_name:
+            row["compile_s"] = row["warmup_s"]  # the warm-up call is torch.compile's compile
         # A train step does a dgrad and a wgrad GEMM per forward GEMM: 3x the forward MACs.
         row["gmacs"] = round(macs / 1e9, 4)
         row["tflops"] = harness.tflops(macs * (3 if mode == "train_fwd_bwd" else 1), row["median_ms"])
@@ -380,11 +393,75 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, argpa
     return parser.parse_args(argv), parser
 
 
+#: The share of --budget-s kept for the cuda rows' own process when they run isolated.
+CUDA_BUDGET_SHARE = 0.3
+#: Seconds the cuda process gets past the budget left (its start-up: imports, CUDA context).
+CHILD_GRACE_S = 20.0
+
+
+def run_cuda_isolated(argv: list[str], args: argparse.Namespace, record: harness.RunRecord, cases: list[Case],
+                      dtype_modes: list[harness.DtypeMode], modes: list[str], batch: int, budget_s: Optional[float]) -> None:
+    """The cuda rows in a process of their own; its rows merged into ``record``; when the
+    process fails (a fault, a crash, its timeout), every row it did not write is an error
+    naming how."""
+    name = f".{record.json_path.stem}.cuda"
+    child_json = record.json_path.with_name(f"{name}.json")
+    child_json.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()),
+           *isolate.strip_options(argv, ("--impls", "--out", "--name", "--budget-s")),
+           "--impls", "cuda", "--out", str(record.json_path.parent), "--name", name, "--in-process", "--no-plot"]
+    timeout = None
+    if budget_s is not None:
+        # the child starts no case after 80% of what is left; the timeout adds its start-up (the
+        # GPU check's own timeout of this part leaves 40 s past --budget-s)
+        cmd += ["--budget-s", f"{max(budget_s * 0.8, 1.0):.1f}"]
+        timeout = max(budget_s, 5.0) + CHILD_GRACE_S
+    print(f"# cuda in its own process ({'no timeout' if timeout is None else f'timeout {timeout:.0f} s'})", flush=True)
+    rc, timed_out, tail, seconds = isolate.run_child(cmd, timeout)
+    try:
+        child = json.loads(child_json.read_text())
+    except (OSError, ValueError):
+        child = {}
+    rows = [r for r in child.get("rows", []) if r.get("impl") == "cuda"]
+    record.rows.extend(rows)
+    if child.get("fault_injected"):
+        record.data["fault_injected"] = child["fault_injected"]
+    failure = isolate.failure(rc, timed_out, tail, seconds, bool(child.get("complete")))
+    errors = [r for r in rows if r.get("status") == "error"]
+    if failure is None and errors:
+        failure = {"kind": faults.classify(str(errors[0].get("reason"))), "rc": rc, "seconds": round(seconds, 1),
+                   "reason": f"{len(errors)} row(s) failed; first: {errors[0].get('reason')}"}
+    if failure is not None:
+        record.data.setdefault("backend_failures", {})["cuda"] = failure
+        print(f"# cuda FAILED ({failure['kind']}): {failure['reason'][:300]}", flush=True)
+        done = {(r["label"], r["dtype"], r["mode"]) for r in rows}
+        for case in cases:
+            for dtype_mode in dtype_modes:
+                for mode in modes:
+                    if (case.label, dtype_mode.name, mode) in done:
+                        continue
+                    record.rows.append({"block": case.family, "model": case.model, "unit": case.unit.name,
+                                        "label": case.label, "batch": batch, "dtype": dtype_mode.name,
+                                        "memory_format": args.memory_format, "mode": mode, "impl": "cuda",
+                                        "status": "error", "failure": failure["kind"],
+                                        "reason": f"not run: the cuda process {failure['reason'][:300]}"})
+    child_json.unlink(missing_ok=True)
+    record.write()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, parser = parse_args(argv)
     device = harness.pick_device(args.device)
     harness.print_banner(device)
     dtype_modes, modes, impls = harness.check_common_arguments(parser, args, device, MODES, "bf16,amp-bf16")
+    if device.type == "cpu" and args.size == "full" and not args.dry_run:
+        parser.error("--size full on a CPU: the real shapes would take hours here (torch sees no GPU); "
+                     "use --size small, or run on a GPU")
+    try:
+        injected = faults.install(args.dry_run)
+    except ValueError as exc:
+        parser.error(str(exc))
     # --quick: one unit per family unless the shapes are chosen explicitly.
     default_stages = STAGES[:1] if args.quick else STAGES
     default_kinds = UNIT_KINDS[:1] if args.quick else UNIT_KINDS
@@ -427,8 +504,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"backends {list(resnet_fused.available_backends())}, batch {batch}, size {args.size}, "
           f"dtypes {[m.name for m in dtype_modes]}, impls {[i.name for i in impls]}", flush=True)
 
-    bench = BlockBenchmark(args, device, dtype_modes, modes, impls, cases, batch, record)
+    if injected:
+        record.data["fault_injected"] = injected
+    isolated = any(i.name == "cuda" for i in impls) and len(impls) > 1 and not args.in_process
+    budget_s = args.budget_s
+    if isolated:
+        impls_here = [i for i in impls if i.name != "cuda"]
+        if budget_s is not None:
+            args.budget_s = budget_s * (1 - CUDA_BUDGET_SHARE)
+        record.data["config"]["resolved"]["isolation"] = "cuda rows in their own process, after the others"
+    else:
+        impls_here = impls
+    started = time.perf_counter()
+    bench = BlockBenchmark(args, device, dtype_modes, modes, impls_here, cases, batch, record)
     bench.run()
+    if isolated:
+        left = None if budget_s is None else budget_s - (time.perf_counter() - started)
+        run_cuda_isolated(argv, args, record, cases, dtype_modes, modes, batch, left)
     harness.add_speedups(record.rows, ("label", "dtype", "mode"))
     path = record.write(complete=True)
     print(f"ceilings: matmul {bench.ceilings['matmul_tflops']} TFLOP/s, copy {bench.ceilings['copy_tbps']} TB/s")

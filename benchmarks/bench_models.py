@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 
-from benchmarks import harness
+from benchmarks import faults, harness
 
 MODES = ("train", "infer")
 CLASSIC_MODEL = "resnet_v2_152"
@@ -146,7 +146,13 @@ class ModelBenchmark:
         images = images.contiguous(memory_format=self.memory_format)
         module, run = harness.build_implementation(
             impl, lambda backend: create_model(model_name, backend), reference, prepare,
-            self.device, self.args.compile_mode)
+            self.device, self.args.compile_mode, cuda_on_cpu=self.args.dry_run)
+        if impl.backend != "reference":
+            if self.args.dry_run and faults.wants("model:eager-block"):
+                faults.leave_one_block_eager(module)
+            unfused = harness.unfused_blocks(module)
+            if unfused is not None:
+                raise harness.BuildFailed(unfused)
         return module, run, images
 
     def _skip_or_build(self, impl: harness.Implementation, budget_key: str, rows: list[dict],
@@ -199,7 +205,8 @@ class ModelBenchmark:
         for row, mode in zip(rows, modes):
             fn = self._train_step(module, run, images, dtype_mode) if mode == "train" else \
                 self._inference(module, run, images, dtype_mode)
-            row.update(harness.measure(fn, self.device, self.timing))
+            row.update(harness.measure(fn, self.device, self.timing,
+                                       backend=impl.backend if impl.backend != "reference" else None))
             if row["status"] == "ok":
                 row["images_per_s"] = harness.round_significant(self.batch / (row["median_ms"] * 1e-3))
                 row["gmacs_per_image"] = round(macs / self.batch / 1e9, 4)
@@ -348,6 +355,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype_modes, modes, impls = harness.check_common_arguments(parser, args, device, MODES, "amp-bf16",
                                                                interpreted_triton=False)
     try:
+        injected = faults.install(args.dry_run)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
         models = [] if args.models == "none" else check_models(args.models)
         classic_dtypes = [harness.DTYPE_MODES[m] for m in harness.parse_dtypes(
             args.classic_dtype, device, "fp32,amp-bf16", "--classic-dtype")]
@@ -379,6 +390,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     if not gpu:
         record.note(harness.CPU_BANNER)
+    if injected or (args.dry_run and faults.wants("model:eager-block")):
+        record.data["fault_injected"] = ", ".join(filter(None, [injected, args.dry_run and faults.wants(
+            "model:eager-block") and "model:eager-block"]))
     print(f"device {record.data['environment']['device_name']}, torch {torch.__version__}, "
           f"backends {list(resnet_fused.available_backends())}, batch {batch}, image {image_size}, "
           f"dtypes {[m.name for m in dtype_modes]}, impls {[i.name for i in impls]}", flush=True)

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOG_TAIL_CHARS = 8000
+#: The most of an attached text file kept (its end).
+ATTACH_CHARS = 60000
 #: How many failing tests are named in the record (each with the start of its message).
 MAX_FAILURES = 40
 
@@ -156,6 +158,9 @@ def main() -> int:
     parser.add_argument("--junit", default=None, help="a JUnit XML to summarise (test phase)")
     parser.add_argument("--sanitizer", action="append", default=[], metavar="TOOL=RC=LOG",
                         help="a compute-sanitizer run to summarise (sanitize phase)")
+    parser.add_argument("--attach", action="append", default=[], metavar="NAME=PATH",
+                        help="a file embedded under details.attachments.NAME (JSON parsed, text as its last "
+                             f"{ATTACH_CHARS} characters); a missing file is skipped")
     parser.add_argument("--not-run", default=None, help="the phase did not run, and why")
     parser.add_argument("--dry-run", default="0", help="1: a CPU dry run of the flow (recorded)")
     args = parser.parse_args()
@@ -174,6 +179,11 @@ def main() -> int:
         "result": load_json(args.result),
         "log_tail": read_tail(args.log),
     }
+    for spec in args.attach:
+        name, _, path = spec.partition("=")
+        if path and os.path.exists(path):
+            record["details"].setdefault("attachments", {})[name] = (
+                load_json(path) if path.endswith(".json") else read_tail(path, ATTACH_CHARS))
     if args.junit:
         record["details"]["junit"] = junit_summary(args.junit)
         if record["details"]["junit"] is None:

@@ -3,6 +3,13 @@ largest count seen while it ran), and the JSON schemas of every record. The dry 
 last (its exit status is the run's); tests/test_gpu_check.py relies on it.
 
     python scripts/gpu_check_verify.py --out OUT --phase quick [--phase tune] [--max-files-seen N]
+        [--fault SPEC]
+
+``--fault`` (the dry run's GPU_CHECK_DRY_RUN_FAULT): what must have happened instead of a clean
+run: with ``cuda:<op>``, every Triton parity case and benchmark row still valid, every cuda case
+and row an error, the cuda failure named (kind and text) in parity's and the block benchmark's
+``backend_failures``; with ``model:eager-block``, the fused model rows errors naming the eager
+block.
 
 Standard library only. Exit status 0 when everything holds, 1 with the list of problems.
 """
@@ -19,7 +26,7 @@ MAX_FILES = 8
 RECORD_KEYS = {"phase", "status", "rc", "seconds", "commit", "command", "result", "log_tail", "schema", "dry_run"}
 #: The files each phase leaves (besides logs.tar.gz).
 PHASE_FILES = {
-    "quick": ["build.json", "parity.json", "bench.json", "models.json"],
+    "quick": ["build.json", "parity.json", "bench.json", "models.json", "sanitize.json"],
     "tune": ["tune.json", "tuned.json"],
     "build": ["build.json"], "test": ["test.json"], "bench": ["bench.json"], "models": ["models.json"],
     "sanitize": ["sanitize.json"],
@@ -55,7 +62,11 @@ def check_record(name: str, record: Any, problems: Problems) -> None:
     problems.need(record.get("schema") == 1, f"{name}: schema {record.get('schema')!r}")
 
 
-def check_parity(result: Any, strict: bool, problems: Problems) -> None:
+def fault_parts(fault: str) -> set[str]:
+    return {p.strip().split(":")[0] for p in fault.split(",") if p.strip()}
+
+
+def check_parity(result: Any, strict: bool, problems: Problems, fault: str = "") -> None:
     if not problems.need(isinstance(result, dict) and result.get("what") == "parity", "parity.json: no parity result"):
         return
     cases = result.get("cases")
@@ -74,11 +85,21 @@ def check_parity(result: Any, strict: bool, problems: Problems) -> None:
     problems.need(isinstance(result.get("summary"), dict), "parity.json: no summary")
     if strict:
         problems.need(result.get("complete") is True, "parity.json: not complete")
+        faulty = {"cuda"} if "cuda" in fault_parts(fault) else set()
         for backend in ("triton", "cuda"):
             ran = [c for c in cases if c.get("backend") == backend and c.get("status") in ("pass", "fail", "error")]
             problems.need(ran, f"parity.json: no {backend} case ran")
+            if backend in faulty:
+                problems.need(all(c["status"] == "error" and c.get("failure") for c in ran),
+                              f"parity.json: {backend} has a fault injected, yet cases did not fail with a named kind")
+                named = (result.get("backend_failures") or {}).get(backend) or {}
+                problems.need(named.get("kind") and named.get("reason"),
+                              f"parity.json: no backend_failures entry naming how {backend} failed")
+                continue
             problems.need(all(c["status"] == "pass" for c in ran),
                           f"parity.json: {backend} cases failed: {[c.get('reason') for c in ran if c['status'] != 'pass']}")
+        problems.need(any(c.get("family") == "stage" and c.get("status") in ("pass", "fail", "error") for c in cases),
+                      "parity.json: the stage-chain case did not run")
         names = {c.get("what") for c in cases for c in c.get("checks", [])}
         for what in ("eval.output", "train.output", "train.grad.input"):
             problems.need(what in names, f"parity.json: no {what} comparison")
@@ -86,7 +107,8 @@ def check_parity(result: Any, strict: bool, problems: Problems) -> None:
         problems.need(any(n.endswith("running_var") for n in names), "parity.json: no running statistics")
 
 
-def check_rows(name: str, result: Any, strict: bool, required_ok: list[str], problems: Problems) -> None:
+def check_rows(name: str, result: Any, strict: bool, required_ok: list[str], problems: Problems,
+               fault: str = "") -> None:
     if not problems.need(isinstance(result, dict) and isinstance(result.get("rows"), list),
                          f"{name}: no benchmark result with rows"):
         return
@@ -101,11 +123,31 @@ def check_rows(name: str, result: Any, strict: bool, required_ok: list[str], pro
         elif row.get("status") in ("skipped", "unavailable", "error"):
             problems.need(row.get("reason"), f"{name}: a {row.get('status')} row without a reason")
     problems.need(isinstance(result.get("environment"), dict), f"{name}: no environment")
+    for row in rows:
+        if row.get("status") == "ok" and row.get("impl") in ("triton", "cuda"):
+            problems.need((row.get("warmup_launches") or {}).get(row["impl"]),
+                          f"{name}: a {row['impl']} row timed without the proof of its launches")
+            problems.need(isinstance(row.get("host_ms"), (int, float)), f"{name}: an ok row without host_ms")
     if strict:
         problems.need(result.get("complete") is True, f"{name}: not complete")
         for impl in required_ok:
             problems.need(any(r.get("impl") == impl and r.get("status") == "ok" for r in rows),
                           f"{name}: no measured {impl} row")
+        parts = fault_parts(fault)
+        cuda_rows = [r for r in rows if r.get("impl") == "cuda"]
+        if "cuda" in parts and name == "bench.json":
+            problems.need(cuda_rows and all(r.get("status") == "error" for r in cuda_rows),
+                          f"{name}: a cuda fault was injected, yet cuda rows were not errors")
+            named = (result.get("backend_failures") or {}).get("cuda") or {}
+            problems.need(named.get("kind") and named.get("reason"), f"{name}: no backend_failures entry for cuda")
+            triton = [r for r in rows if r.get("impl") == "triton"]
+            problems.need(any(r.get("status") == "ok" for r in triton)
+                          and all(r.get("status") in ("ok", "skipped") for r in triton),
+                          f"{name}: triton rows lost to the cuda fault: {[r.get('reason') for r in triton if r.get('status') == 'error'][:2]}")
+        if "model" in parts and name == "models.json":
+            fused = [r for r in rows if r.get("impl") in ("triton", "cuda")]
+            problems.need(fused and all(r.get("status") == "error" and "eager" in str(r.get("reason")) for r in fused),
+                          f"{name}: a model with a block left eager was not recorded as an error")
 
 
 def check_tuned(table: Any, strict: bool, problems: Problems) -> None:
@@ -131,7 +173,7 @@ def check_tuned(table: Any, strict: bool, problems: Problems) -> None:
         problems.need(not bad, f"tuned.json: candidates rejected: {[str(m)[:200] for m in bad[:3]]}")
 
 
-def verify(out: Path, phases: list[str], max_files_seen: int, strict: bool) -> Problems:
+def verify(out: Path, phases: list[str], max_files_seen: int, strict: bool, fault: str = "") -> Problems:
     problems = Problems()
     entries = sorted(out.iterdir()) if out.is_dir() else []
     names = [p.name for p in entries]
@@ -152,14 +194,16 @@ def verify(out: Path, phases: list[str], max_files_seen: int, strict: bool) -> P
             if not isinstance(record, dict):
                 continue
             result = record.get("result")
-            if strict and name != "build.json":
+            # a part that an injected fault fails, and the opportunistic memcheck, need not be ok
+            exempt = {"build.json", "sanitize.json"} | ({"parity.json", "bench.json", "models.json"} if fault else set())
+            if strict and name not in exempt:
                 problems.need(record.get("status") == "ok", f"{name}: status {record.get('status')!r}, rc {record.get('rc')}")
             if name == "parity.json":
-                check_parity(result, strict, problems)
+                check_parity(result, strict, problems, fault)
             elif name == "bench.json":
-                check_rows(name, result, strict, ["eager", "triton"], problems)
+                check_rows(name, result, strict, ["eager", "triton"], problems, fault)
             elif name == "models.json":
-                check_rows(name, result, strict, ["eager"], problems)
+                check_rows(name, result, strict, ["eager"], problems, fault)
             elif name == "build.json":
                 problems.need(isinstance(result, dict) and "extension_loads" in result, "build.json: no build check")
             elif name == "tune.json":
@@ -184,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--phase", action="append", default=[], choices=sorted(PHASE_FILES))
     parser.add_argument("--max-files-seen", type=int, default=0)
+    parser.add_argument("--fault", default="", help="the faults the dry run injected (GPU_CHECK_DRY_RUN_FAULT)")
     parser.add_argument("--lenient", action="store_true",
                         help="schema only (a GPU run's output): failures and incomplete parts are not problems")
     args = parser.parse_args(argv)
-    problems = verify(Path(args.out), args.phase or ["quick"], args.max_files_seen, strict=not args.lenient)
+    problems = verify(Path(args.out), args.phase or ["quick"], args.max_files_seen, strict=not args.lenient,
+                      fault=args.fault)
     if problems:
         print(f"gpu_check_verify: {len(problems)} problem(s) in {args.out}:")
         for p in problems:

@@ -6,7 +6,9 @@
 Parity: pass / FAIL per fused backend and dtype. Blocks: per unit and mode, each fused
 backend's speedup over eager and over torch.compile (same run); every timing of a backend whose
 parity failed (or did not run) in the benchmark's dtype is marked INVALID: a fast wrong kernel is
-not a result. Models: images/s and peak memory per implementation.
+not a result. A backend whose process failed is named with how (exception, CUDA error,
+timeout). Models: images/s and peak memory per implementation, a fused model row valid only
+when the AMP stage-chain parity case (the path it times) passed for its backend.
 
 Standard library only (it must print even when torch is what broke).
 """
@@ -53,6 +55,17 @@ def parity_verdicts(parity: Optional[dict]) -> dict[tuple[str, str], str]:
     return verdicts
 
 
+def stage_verdicts(parity: Optional[dict]) -> dict[str, str]:
+    """{backend: "pass" | "FAIL" | "not run"} of the stage-chain cases (family ``stage``)."""
+    out: dict[str, str] = {}
+    for case in (parity or {}).get("cases", []):
+        if case.get("family") != "stage" or case.get("status") not in ("pass", "fail", "error"):
+            continue
+        previous = out.get(case["backend"], "pass")
+        out[case["backend"]] = "pass" if previous == "pass" and case["status"] == "pass" else "FAIL"
+    return out
+
+
 def fmt(value: Any, spec: str = ".3g") -> str:
     if value is None or value == "":
         return "-"
@@ -94,6 +107,8 @@ def summary_lines(folder: Path) -> list[str]:
             if case.get("status") in ("fail", "error"):
                 lines.append(f"    {case['backend']} {case['dtype']} {case['label']}: {case['status']}: "
                              f"{str(case.get('reason'))[:110]}")
+        for backend, failure in (parity.get("backend_failures") or {}).items():
+            lines.append(f"  parity: {backend} FAILED ({failure.get('kind')}): {str(failure.get('reason'))[:160]}")
 
     if bench and bench.get("rows"):
         rows = [r for r in bench["rows"] if r.get("status") == "ok"]
@@ -125,19 +140,22 @@ def summary_lines(folder: Path) -> list[str]:
         skipped = [r for r in bench["rows"] if r.get("status") == "skipped"]
         if skipped:
             lines.append(f"  {len(skipped)} rows skipped by the budget ({', '.join(sorted({r['impl'] for r in skipped}))})")
+        for backend, failure in (bench.get("backend_failures") or {}).items():
+            lines.append(f"  blocks: {backend} FAILED ({failure.get('kind')}): {str(failure.get('reason'))[:160]}")
         invalid = sorted({b for b in FUSED for d in resolved.get("dtypes", [])
                           if verdicts.get((b, DTYPE_NAMES.get(d, d))) != "pass"})
         if invalid:
             lines.append(f"  INVALID: {', '.join(invalid)} did not pass parity in the benchmark's dtype")
 
     if models and models.get("rows"):
-        lines.append("model (train step):")
+        lines.append("model (train step; fused rows valid only under the AMP stage-chain parity case):")
+        stage = stage_verdicts(parity)
         for r in models["rows"]:
             if r.get("what") != "throughput":
                 continue
             mark = ""
-            if r["impl"] in FUSED and verdicts.get((r["impl"], DTYPE_NAMES.get(r["dtype"], r["dtype"]))) != "pass":
-                mark = " INVALID (parity)"
+            if r["impl"] in FUSED and stage.get(r["impl"]) != "pass":
+                mark = f" INVALID (stage-chain parity: {stage.get(r['impl'], 'not run')})"
             if r.get("status") == "ok":
                 lines.append(f"  {r['model']} {r['mode']} {r['dtype']} b{r['batch']} {r['impl']:<8} "
                              f"{fmt(r.get('images_per_s'), '.4g')} img/s, peak {fmt(r.get('peak_mib'), '.0f')} MiB, "

@@ -77,10 +77,14 @@ def run_section(run: Path) -> list[str]:
             lines.append(f"| {label} {dtype} | {MODES.get(mode, mode)} | " + " | ".join(cells) + " |")
         lines.append("")
     if models and models.get("rows"):
-        lines += ["Model training step: " + "; ".join(
-            f"{r['model']} {r['dtype']} batch {r['batch']} {r['impl']}: {_ms(r.get('images_per_s'))} images/s, "
-            f"peak {_ms(r.get('peak_mib'))} MiB"
-            for r in models["rows"] if r.get("what") == "throughput" and r.get("status") == "ok") + ".", ""]
+        stage = gpu_summary.stage_verdicts(parity)
+        lines += ["Model training step (a fused row is valid only when the AMP stage-chain parity case passed "
+                  "for its backend): " + "; ".join(
+                      f"{r['model']} {r['dtype']} batch {r['batch']} {r['impl']}: {_ms(r.get('images_per_s'))} images/s, "
+                      f"peak {_ms(r.get('peak_mib'))} MiB"
+                      + (" invalid: stage-chain parity" if r["impl"] in gpu_summary.FUSED and stage.get(r["impl"]) != "pass"
+                         else "")
+                      for r in models["rows"] if r.get("what") == "throughput" and r.get("status") == "ok") + ".", ""]
     return lines
 
 

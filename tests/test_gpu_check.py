@@ -19,10 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "scripts"))
+import file_gpu_results  # noqa: E402
 import gpu_check_verify  # noqa: E402
+import gpu_plan  # noqa: E402
 import parity_rule  # noqa: E402
 
 sys.path.pop(0)
+
+from benchmarks import faults, isolate  # noqa: E402
+
+#: The faults the dry-run test injects: one C++ op of the cuda backend raises a CUDA error, and
+#: the model benchmark's fused model gets a block back as eager.
+DRY_RUN_FAULT = "cuda:conv_fwd,model:eager-block"
 
 
 def script_env(tmp_path: Path, **extra: str) -> dict:
@@ -36,9 +44,12 @@ def script_env(tmp_path: Path, **extra: str) -> dict:
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_dry_run_quick_and_tune(tmp_path):
-    """The whole flow at tiny sizes: build (skipped when _C loads), parity of both backends,
-    block and model benchmarks, the summary, the tuning sweep; then the verifier's checks."""
-    env = script_env(tmp_path)
+    """The whole flow at tiny sizes, with a CUDA fault injected into one C++ op and a model
+    block left eager: build (skipped when _C loads), parity (one process per backend, the AMP
+    stage chain included), block and model benchmarks, the summary, the tuning sweep; then the
+    verifier's checks (at most 8 files, flat), the GPU plan's predicted times against its
+    budgets, and the filing of what came back (on scratch copies)."""
+    env = script_env(tmp_path, GPU_CHECK_DRY_RUN_FAULT=DRY_RUN_FAULT)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "quick", "tune"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
     output = proc.stdout + proc.stderr
@@ -46,12 +57,58 @@ def test_dry_run_quick_and_tune(tmp_path):
     assert "gpu_check_verify:" in output and " ok (" in output, output[-3000:]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["build.json", "parity.json", "bench.json", "models.json", "tune.json", "tuned.json",
-                            "logs.tar.gz"])
-    # the one-screen summary ran and said what parity gave
+    assert names == sorted(["build.json", "parity.json", "bench.json", "models.json", "sanitize.json", "tune.json",
+                            "tuned.json", "logs.tar.gz"])
+    assert all(p.is_file() for p in out.iterdir())  # nothing nested comes back
+    # the one-screen summary ran and said what parity gave, and which backend failed and how
     assert "parity (batch" in output and "triton" in output
+    assert "parity: cuda FAILED (cuda error)" in output and "blocks: cuda FAILED (cuda error)" in output
+    # the fault in the cuda backend left every triton result valid, the cuda failure named
     parity = json.loads((out / "parity.json").read_text())["result"]
-    assert {c["backend"] for c in parity["cases"] if c["status"] == "pass"} == {"triton", "cuda"}
+    assert parity["config"]["isolation"] == "one process per backend"
+    triton_cases = [c for c in parity["cases"] if c["backend"] == "triton"]
+    cuda_cases = [c for c in parity["cases"] if c["backend"] == "cuda"]
+    assert triton_cases and all(c["status"] == "pass" for c in triton_cases)
+    assert cuda_cases and all(c["status"] == "error" and c["failure"] == "cuda error" for c in cuda_cases)
+    assert "illegal memory access" in parity["backend_failures"]["cuda"]["reason"]
+    assert parity["summary"]["triton"] == {"float16": "pass", "float32": "pass", "amp-fp16": "pass"}
+    # the AMP stage-chain case ran, through the same rule, with chained statistics
+    stage = [c for c in triton_cases if c["family"] == "stage"]
+    assert stage and stage[0]["dtype"] == "amp-fp16" and stage[0]["checks"]
+    bench = json.loads((out / "bench.json").read_text())["result"]
+    rows = {(r["impl"], r["status"]) for r in bench["rows"]}
+    assert ("cuda", "ok") not in rows and ("triton", "ok") in rows
+    # no triton or eager row failed (the budget may skip some on a busy machine: not a failure)
+    assert all(r["status"] in ("ok", "skipped") for r in bench["rows"] if r["impl"] in ("triton", "eager"))
+    assert bench["backend_failures"]["cuda"]["kind"] == "cuda error"
+    for row in bench["rows"]:
+        if row["status"] == "ok":
+            assert isinstance(row["host_ms"], float)
+            if row["impl"] == "triton":
+                assert row["warmup_launches"]["triton"] > 0 and row["warmup_launches"]["cuda"] == 0
+    # a model with a block left eager is an error row, not a timing
+    models = json.loads((out / "models.json").read_text())["result"]
+    fused = [r for r in models["rows"] if r["impl"] == "cuda"]
+    assert fused and all(r["status"] == "error" and "run eager" in r["reason"] for r in fused)
+    # the GPU plan's predicted times are within its budgets
+    assert "gpu_plan: ok" in output
+    # filing: the results folder, the tuned table, AUTO_CUDA_TABLE and the README section. The
+    # README shows GPU runs only: the filed copy's benchmark says it ran on one.
+    record = json.loads((out / "bench.json").read_text())
+    record["result"]["environment"].update(device="cuda", device_name="Dry-run stand-in GPU")
+    (out / "bench.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    before = readme.read_text()
+    folder = file_gpu_results.file_results(out, tmp_path / "results", tmp_path / "tuned", readme,
+                                           tmp_path / "auto_cuda_table.json")
+    assert folder.parent == tmp_path / "results" and folder.name.endswith("-dry-run_quick")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(n for n in names)
+    assert (tmp_path / "auto_cuda_table.json").exists()
+    assert len(list((tmp_path / "tuned").glob("*.json"))) == 1
+    after = readme.read_text()
+    assert after != before and "<!-- results:begin" in after and "### Dry-run stand-in GPU" in after
+    assert folder.name in after and "| triton |" in after
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = {Path(m.name).name for m in tar.getmembers() if m.isfile()}
     assert {"build.log", "parity.log", "bench.log", "models.log", "summary.log", "tune.log"} <= logs
@@ -65,6 +122,35 @@ def test_dry_run_quick_and_tune(tmp_path):
                                "print(sorted(t), len(t['cpu (dry run)']['entries']))"],
         env={**env, "RESNET_FUSED_TUNED_DIR": str(folder)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "['cpu (dry run)']" in check.stdout, check.stdout + check.stderr
+
+
+def test_child_timeout_and_failure_kinds(tmp_path):
+    """A backend's process that hangs is killed at its timeout and named a timeout; error texts
+    are told apart (CUDA error, crash, exception)."""
+    rc, timed_out, tail, seconds = isolate.run_child(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], timeout=2)
+    assert timed_out and seconds < 30 and "started" in tail
+    failure = isolate.failure(rc, timed_out, tail, seconds, complete=False)
+    assert failure["kind"] == "timeout" and "killed after" in failure["reason"]
+    rc, timed_out, tail, seconds = isolate.run_child([sys.executable, "-c", "import os; os.abort()"], timeout=30)
+    assert not timed_out and isolate.failure(rc, timed_out, tail, seconds, complete=False)["kind"] == "crash"
+    assert isolate.failure(0, False, "", 1.0, complete=True) is None
+    assert faults.classify("RuntimeError: CUDA error: an illegal memory access was encountered") == "cuda error"
+    assert faults.classify("ValueError: bad") == "exception"
+    with pytest.raises(ValueError, match="expected cuda:<op>"):
+        faults.parse("triton:conv")
+    assert isolate.strip_options(["--a", "1", "--b=2", "--c", "3"], ("--a", "--b")) == ["--c", "3"]
+
+
+def test_gpu_plan_fits_the_command():
+    """The GPU quick plan's budgets sum to at most 540 s, and the prediction of each part is
+    within its budget (scripts/gpu_plan.py, with the parity's own problem list)."""
+    budgets = gpu_plan.gpu_plan()
+    assert set(budgets) == {"build", "parity", "bench", "models", "summary"}
+    assert sum(budgets.values()) <= gpu_plan.LIMIT_S
+    parts = gpu_plan.predict(gpu_plan.parity_problems(), len(gpu_plan.quick_units()), 130, budgets)
+    assert all(p["ok"] for p in parts.values()), parts
+    assert len(gpu_plan.quick_units()) == 7
 
 
 def write_records(out: Path, names: list[str]) -> None:

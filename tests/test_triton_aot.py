@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from resnet_fused.triton.configs import (BACKWARD_GPU_CONFIGS, FP64_BACKWARD_CONFIG, SHARED_MEMORY_LIMITS,
-                                         all_conv_configs)
+                                         BackwardConfig, all_conv_configs, shared_memory_bytes)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -169,6 +169,16 @@ def test_16bit_gemms_use_wgmma(records):
 def test_shared_memory_within_sm90_budget(records):
     for r in records:
         assert 0 <= r["shared"] <= SHARED_MEMORY_LIMITS[(9, 0)], _key(r)
+
+
+def test_shared_memory_estimate_covers_the_compiled_kernels(records):
+    """The selector's estimate (configs.shared_memory_bytes, what it filters configs by) is at
+    least what Triton actually allocated, for every compiled GEMM of a config."""
+    sizes = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+    for r in records:
+        if r["kernel"] in (CONV, "_conv_dgrad_kernel", "_conv_wgrad_kernel") and r.get("config"):
+            estimate = shared_memory_bytes(BackwardConfig(**r["config"]), sizes[r["dtype"]])
+            assert r["shared"] <= estimate, (_key(r), r["shared"], estimate)
 
 
 def test_registers_and_spills_were_read(records):

@@ -37,8 +37,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["HOPPER", "TRITON_DTYPES", "capture_launches", "launch_plan", "specialize", "compile_job",
-           "resource_usage", "check_all", "entry_kernels", "summary", "RAGGED_DTYPES"]
+__all__ = ["HOPPER", "TRITON_DTYPES", "capture_launches", "launch_plan", "module_plan", "specialize",
+           "compile_job", "resource_usage", "check_all", "entry_kernels", "summary", "plan_key", "RAGGED_DTYPES"]
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -267,6 +267,125 @@ def _config_dict(config) -> dict:
     return {k: getattr(config, k) for k in ("block_m", "block_n", "block_k", "num_warps", "num_stages")}
 
 
+# ---- The GPU run's launches, recorded from real module calls -----------------------------------
+
+#: What :func:`module_plan` runs: the quick GPU run's block families (pre-activation ResNet-50 and
+#: ResNeXt-50 units, torchvision's post-activation unit), at unit shapes whose launch flags and
+#: selector configs differ (a stride-1 and a strided projection unit, a narrow and a wide identity
+#: unit), batch 16 (the divisibility marks of batch 32 and 256), in bf16 and fp16, train (forward
+#: + backward), eval and frozen (no parameter gradients), under both 3x3 strategies; and the AMP
+#: stage chain (two chained blocks of conv3_x under autocast) in bf16 and fp16.
+MODULE_PLAN_UNITS = {"bottleneck": ("conv2_x.first", "conv2_x.identity", "conv3_x.first", "conv4_x.identity"),
+                     "resnext": ("conv2_x.first", "conv3_x.first", "conv4_x.identity"),
+                     "postact": ("conv2_x.first", "conv2_x.identity", "conv3_x.first", "conv4_x.identity")}
+MODULE_PLAN_BATCH = 16
+
+
+def _module_plan_block(family: str, unit, backend: str) -> torch.nn.Module:
+    import resnet_fused as rf
+
+    if family == "postact":
+        downsample = None
+        if unit.stride != 1 or unit.in_chs != unit.out_chs:
+            downsample = torch.nn.Sequential(torch.nn.Conv2d(unit.in_chs, unit.out_chs, 1, stride=unit.stride,
+                                                             bias=False), torch.nn.BatchNorm2d(unit.out_chs))
+        return rf.FusedPostActBottleneck(unit.in_chs, unit.mid_chs, stride=unit.stride, downsample=downsample,
+                                         backend=backend)
+    return rf.make_block(unit.block, backend=backend, **unit.block_kwargs())
+
+
+def _stage_chain(unit) -> torch.nn.Module:
+    import dataclasses
+
+    import resnet_fused as rf
+
+    config = dataclasses.replace(rf.MODEL_CONFIGS["resnet_v2_50"], layers=(1, 2, 1, 1),
+                                 channels=(unit.in_chs, unit.out_chs, unit.out_chs, unit.out_chs))
+    return rf.ResNetV2(config, backend="triton").stages[1].blocks
+
+
+def module_plan(batch: int = MODULE_PLAN_BATCH) -> list[tuple[dict, Any, tuple, tuple, dict]]:
+    """Every launch the GPU run's modules make (:data:`MODULE_PLAN_UNITS`), recorded from real
+    module calls on CPU tensors: the selector answering as on sm_90 (``configs.selecting_for``),
+    ``launch`` replaced by the recorder (nothing runs: outputs are uninitialised, which no
+    launch decision reads). The kernels must have been decorated without the interpreter (this
+    process's TRITON_INTERPRET unset at import), so that each recorded kernel compiles; the ops
+    take the Triton path on CPU tensors while TRITON_INTERPRET=1, which is set for the recording
+    only. Same tuples as :func:`launch_plan`."""
+    from resnet_fused.configs import resnet50_stage_units
+
+    from . import configs
+    for name in _KERNEL_MODULES + ("postact_elementwise", "postact_wgrad"):
+        importlib.import_module(f"{_PACKAGE}.{name}")
+    plan: list = []
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+    def record(info: dict, module: torch.nn.Module, x: torch.Tensor, mode: str, amp: Optional[torch.dtype]) -> None:
+        with capture_launches() as calls, torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            if mode == "eval":
+                module.eval()
+                with torch.no_grad():
+                    module(x)
+            else:
+                module.train()
+                if mode == "frozen":
+                    for p in module.parameters():
+                        p.requires_grad_(False)
+                xi = x.detach().requires_grad_(True)
+                out = module(xi)
+                out.float().sum().backward()
+        if not calls:
+            # The ops took the eager path for CPU tensors: the dispatch no longer follows
+            # TRITON_INTERPRET per call, and this recording would silently cover nothing.
+            raise RuntimeError(f"module_plan: no Triton launch recorded for {info} ({mode})")
+        for kernel, grid, args, meta in calls:
+            plan.append((dict(info, mode=mode, kernel=_kernel_name(kernel)), kernel, grid, args, meta))
+
+    try:
+        with configs.selecting_for((9, 0)), torch.random.fork_rng():
+            torch.manual_seed(0)
+            for family, names in MODULE_PLAN_UNITS.items():
+                shapes = {u.name: u for u in resnet50_stage_units(
+                    "resnext_v2_50_32x4d" if family == "resnext" else "resnet_v2_50")}
+                for name in names:
+                    unit = shapes[name]
+                    for dtype in (torch.bfloat16, torch.float16):
+                        for strategy in configs.STRATEGIES:
+                            with configs.forced_configs(strategy=strategy):
+                                for mode in ("train", "eval", "frozen"):
+                                    block = _module_plan_block(family, unit, "triton").to(dtype)
+                                    block = block.to(memory_format=torch.channels_last)
+                                    x = torch.empty(unit.input_shape(batch), dtype=dtype).contiguous(
+                                        memory_format=torch.channels_last).normal_()
+                                    info = dict(variant="module", family=family, unit=name, dtype=TRITON_DTYPES[dtype],
+                                                strategy=strategy)
+                                    record(info, block, x, mode, None)
+            unit = {u.name: u for u in resnet50_stage_units("resnet_v2_50")}["conv3_x.first"]
+            for amp in (torch.bfloat16, torch.float16):
+                for strategy in configs.STRATEGIES:
+                    with configs.forced_configs(strategy=strategy):
+                        chain = _stage_chain(unit).to(memory_format=torch.channels_last)
+                        x = torch.empty(unit.input_shape(batch), dtype=amp).contiguous(
+                            memory_format=torch.channels_last).normal_()
+                        info = dict(variant="stage-amp", family="stage", unit=unit.name, dtype=TRITON_DTYPES[amp],
+                                    strategy=strategy)
+                        for mode in ("train", "eval"):
+                            record(info, chain, x, mode, amp)
+    finally:
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+    return plan
+
+
+def plan_key(job: dict) -> str:
+    """What makes two specialized launches one compile (Triton's cache key inputs)."""
+    return repr((job["name"], sorted(job["signature"].items()), sorted(job["constexprs"].items()),
+                 sorted(job["attrs"].items()), sorted(job["options"].items())))
+
+
 # ---- Specialization, compile, resource usage -------------------------------------------------
 
 def specialize(kernel, args: tuple, meta: dict, target: GPUTarget = HOPPER) -> dict:
@@ -384,17 +503,18 @@ def _default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_all(target: GPUTarget = HOPPER, jobs: Optional[int] = None, progress: bool = False) -> list[dict]:
-    """Compile every launch of :func:`launch_plan` for ``target``; one record per launch (a
-    compile error is a record with ``error``). Identical specializations compile once."""
-    plan = launch_plan()
+def check_all(target: GPUTarget = HOPPER, jobs: Optional[int] = None, progress: bool = False,
+              modules: bool = False) -> list[dict]:
+    """Compile every launch of :func:`launch_plan` and (``modules``) of :func:`module_plan` for
+    ``target``; one record per launch (a compile error is a record with ``error``). Identical
+    specializations compile once; each record's ``key`` is its :func:`plan_key`."""
+    plan = launch_plan() + (module_plan() if modules else [])
     unique: dict[str, dict] = {}
     order = []
     for info, kernel, grid, args, meta in plan:
         job = specialize(kernel, args, meta, target)
-        key = repr((job["name"], sorted(job["signature"].items()), sorted(job["constexprs"].items()),
-                    sorted(job["attrs"].items()), sorted(job["options"].items())))
-        job["info"] = dict(info, grid=list(grid))
+        key = plan_key(job)
+        job["info"] = dict(info, grid=list(grid), key=key)
         unique.setdefault(key, job)
         order.append((key, job["info"]))
     # Largest first (the 16-bit GEMMs), so the pool ends evenly.
@@ -458,11 +578,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: the usable cores)")
     parser.add_argument("--summary", action="store_true", help="a table instead of JSON")
+    parser.add_argument("--modules", action="store_true",
+                        help="also compile module_plan(): every variant the GPU run's modules launch")
     ns = parser.parse_args()
     # Through the package's module, not this __main__ copy: pool workers import it by name.
     from resnet_fused.triton import aot as _aot
 
-    out = _aot.check_all(jobs=ns.jobs, progress=True)
+    out = _aot.check_all(jobs=ns.jobs, progress=True, modules=ns.modules)
     if ns.summary:
         print(_aot.summary(out))
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -91,14 +91,45 @@ TUNE_CONV_CANDIDATES: dict[tuple[int, bool], list[ConvConfig]] = {
 }
 
 _forced: dict[str, object] = {}
+#: A GPU compute capability the selector answers for whatever the tensors' device
+#: (:func:`selecting_for`), or None.
+_select_for: Optional[tuple[int, int]] = None
 
 
-def shared_memory_bytes(config: ConvConfig, element_size: int) -> int:
-    """Operand staging of a pipelined GEMM: num_stages copies of the A and B tiles."""
-    return config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+@contextlib.contextmanager
+def selecting_for(capability: tuple[int, int] = (9, 0)) -> Iterator[None]:
+    """Inside the block the selector answers as on a GPU of ``capability`` for CPU tensors too
+    (its heuristic tables, no tuned table): what ``resnet_fused.triton.aot`` records the GPU
+    run's launches under, on a machine without one."""
+    global _select_for
+    saved, _select_for = _select_for, tuple(capability)
+    try:
+        yield
+    finally:
+        _select_for = saved
+
+
+def _as_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" or _select_for is not None
+
+
+#: Triton's shared memory over the operand staging alone (layout conversions, the epilogue's
+#: scratch, barriers): the sm_90 compile of every selector config used up to 1.36x the staging
+#: (the AOT test holds every compiled kernel to this estimate).
+SHARED_MEMORY_OVERHEAD = 1.4
+
+
+def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_size: int) -> int:
+    """What a pipelined GEMM of ``config`` takes of shared memory, estimated: num_stages copies
+    of the A and B tiles, times :data:`SHARED_MEMORY_OVERHEAD`. A BackwardConfig's tiles are
+    its dgrad's (block_m x block_k and block_k x block_n; its wgrad stages the same sizes)."""
+    staging = config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+    return int(staging * SHARED_MEMORY_OVERHEAD)
 
 
 def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda" and _select_for is not None:
+        return SHARED_MEMORY_LIMITS.get(_select_for, min(SHARED_MEMORY_LIMITS.values()))
     major, minor = torch.cuda.get_device_capability(device)
     return SHARED_MEMORY_LIMITS.get((major, minor), min(SHARED_MEMORY_LIMITS.values()))
 
@@ -128,16 +159,18 @@ def conv_config(m: int, n: int, k: int, ksize: int, dtype: torch.dtype,
     """
     if "conv" in _forced:
         return _forced["conv"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         return _INTERPRETER_CONFIG
     if dtype == torch.float64:
         return FP64_GPU_CONFIG
-    measured = _tuned_conv(tuned.conv_entry(device, dtype, "forward", ksize=ksize, m=m, n=n, k=k))
+    measured = None
+    if device.type == "cuda":
+        measured = _tuned_conv(tuned.conv_entry(device, dtype, "forward", ksize=ksize, m=m, n=n, k=k))
     if measured is not None:
         return measured
     sixteen = dtype in (torch.float16, torch.bfloat16)
     limit = _shared_memory_limit(device)
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize  # no tensor per launch for an element size
     for config in _GPU_TABLE[(ksize, sixteen)]:
         if shared_memory_bytes(config, element) <= limit and _fits(config, n, k):
             return config
@@ -165,7 +198,7 @@ def conv3x3_strategy(m: int, n: int, k: int, dtype: torch.dtype, device: torch.d
         measured = tuned.strategy_entry(device, dtype, m, n, k)  # the device's tuned table
         if measured is not None:
             return measured
-    return "hybrid" if device.type == "cuda" else "fused"
+    return "hybrid" if _as_gpu(device) else "fused"
 
 
 #: GPU backward tiles by 16-bit-ness; the AOT test compiles both.
@@ -214,24 +247,30 @@ def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Opti
     """
     if "backward" in _forced:
         return _forced["backward"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         return BackwardConfig(64, 64, 32, 4, 1)
     if dtype == torch.float64:
         return FP64_BACKWARD_CONFIG
     measured = None
-    if direction is not None:
+    if direction is not None and device.type == "cuda":
         measured = _tuned_backward(tuned.conv_entry(device, dtype, direction, ksize=ksize, m=m, n=n, k=k))
-    if measured is None:
+    if measured is None and device.type == "cuda":
         measured = _tuned_backward(tuned.conv_entry(device, dtype, "backward"))
-    if measured is not None:
-        return measured
-    return BACKWARD_GPU_CONFIGS[dtype in (torch.float16, torch.bfloat16)]
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    limit = _shared_memory_limit(device)
+    # A tuned or default config that would not fit this device's shared memory falls back to
+    # the smallest candidate that does.
+    for config in ([measured] if measured is not None else []) + [BACKWARD_GPU_CONFIGS[sixteen]]:
+        if shared_memory_bytes(config, dtype.itemsize) <= limit:
+            return config
+    fitting = [c for c in TUNE_BACKWARD_CANDIDATES[sixteen] if shared_memory_bytes(c, dtype.itemsize) <= limit]
+    return min(fitting or TUNE_BACKWARD_CANDIDATES[sixteen], key=lambda c: shared_memory_bytes(c, dtype.itemsize))
 
 
 def stats_config(device: torch.device) -> StatsConfig:
     if "stats" in _forced:
         return _forced["stats"]  # type: ignore[return-value]
-    if device.type != "cuda":
+    if not _as_gpu(device):
         # The interpreter runs tl.reduce's merge function element by element in Python: narrow
         # partial blocks keep the merge cheap (about 15x faster at a small model's widths).
         return StatsConfig(block_m=128, block_c=16, block_p=4)
