@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cuda_kernel_helpers import STATS_TOL, TOL, TILE_M, _data, _rel_err, kernels, ops  # noqa: F401
-from resnet_fused.fused.kernel_set import GradPrologue
+from resnet_fused.kernel_set import GradPrologue
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # 2 M tiles with a ragged one and 2 channel tiles (C = 72); M = 3 rows.

@@ -21,7 +21,6 @@ LAYERS: dict[str, tuple[int, str]] = {
     "resnet_fused.reference": (0, "reference"),
     "resnet_fused.configs": (0, "configs"),
     "resnet_fused.kernel_set": (0, "kernel_set"),
-    "resnet_fused.fused.kernel_set": (0, "kernel_set"),  # an alias of resnet_fused.kernel_set
     "resnet_fused.macs": (0, "macs"),
     "resnet_fused.tuned": (0, "tuned"),
     "resnet_fused._extension": (0, "_extension"),
@@ -46,6 +45,8 @@ LAYERS: dict[str, tuple[int, str]] = {
     "resnet_fused.convert": (5, "top"),
     "resnet_fused.flops": (5, "top"),
     "resnet_fused.interop": (5, "top"),
+    # the AOT tooling: records the launches real module calls make, so it sits above the models
+    "resnet_fused.triton.aot": (5, "top"),
     "resnet_fused": (5, "top"),
 }
 #: Groups whose members may import each other within their layer.
@@ -118,7 +119,7 @@ def test_imports_follow_the_layers():
         for target, line, _ in targets:
             t_layer, t_group = _layer(target)
             if layer == 0:
-                ok = (mod, target) == ("resnet_fused.fused.kernel_set", "resnet_fused.kernel_set")
+                ok = False
             elif t_layer < layer:
                 ok = True
             elif t_layer == layer:

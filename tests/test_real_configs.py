@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE, assert_parity, requires_triton
-from resnet_fused.fused.kernel_set import GradPrologue
+from resnet_fused.kernel_set import GradPrologue
 from resnet_fused.triton import configs
 from resnet_fused.triton.conv import SHORTCUT_PROJECTION, ConvConfig
 from resnet_fused.triton.kernel_set import TRITON

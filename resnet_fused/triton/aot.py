@@ -131,7 +131,7 @@ def _backward_launches(ksize: int, dtype: torch.dtype, cfg) -> list[tuple[str, C
     """dgrad and wgrad as the block backward calls them: ``train`` (stride 2, BN-backward
     prologue, the projection's second K-loop on the 1x1 dgrad) and ``ragged`` (M = 49; grouped,
     cin_pg = 4, for the 3x3)."""
-    from ..fused.kernel_set import GradPrologue
+    from ..kernel_set import GradPrologue
     from .conv_backward import conv_dgrad, conv_wgrad
 
     sd = torch.float64 if dtype == torch.float64 else torch.float32
@@ -178,7 +178,7 @@ def _small_launches(dtype: torch.dtype) -> list[tuple[str, Callable[[], Any]]]:
     from .bn_backward import bn_backward_apply, bn_backward_coefficients, relu_grad_sums
     from .elementwise import bn_relu_apply
     from .stats import bn_finalize, channel_stats_partials
-    from ..fused.kernel_set import BNBackward
+    from ..kernel_set import BNBackward
 
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     stats = configs.stats_config(torch.device("cuda"))  # the GPU branch queries no device
@@ -203,8 +203,9 @@ def _small_launches(dtype: torch.dtype) -> list[tuple[str, Callable[[], Any]]]:
                 shortcut_grad=None if r else x(r), shortcut_stride=2)),
         ]
         if dtype in (torch.float32, torch.float64):  # partials and coefficients are fp32 (fp64 for fp64)
-            # P partial tiles: 7 (M = 784 at BLOCK_M 128) and 1; an affine norm, and one without.
-            p = 1 if ragged else 7
+            # P partial tiles: 98 (M = 12544 at BLOCK_M 128: the chunk pass runs first) and 1; an affine
+            # norm, and one without.
+            p = 1 if ragged else 98
             out += [
                 (label, lambda r=ragged, p=p: bn_finalize(_t(3, p, c, dtype=dtype), None if r else vec(c),
                                                           None if r else vec(c), 1e-5,
