@@ -19,6 +19,7 @@ import torch.nn as nn
 import resnet_fused as rf
 from helpers import DEVICE, SMALL_CONV, SMALL_STATS, assert_parity, randomize_bn, requires_triton
 from resnet_fused import reference as ref
+from resnet_fused.convert_adapters import bottle_ratio
 from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
@@ -222,9 +223,9 @@ def test_bottle_ratio_survives_float_rounding():
     """mid/out * out can round below mid (15/22 * 22 = 14.999...): the ratio is nudged so the
     block's int(out * ratio) is exactly the middle width."""
     assert int(22 * (15 / 22)) == 14  # the trap the nudge avoids
-    ratio = convert_module._bottle_ratio(22, 15)
+    ratio = bottle_ratio(22, 15)
     assert int(22 * ratio) == 15
-    ratio_of = convert_module._bottle_ratio
+    ratio_of = bottle_ratio
     assert all(int(o * ratio_of(o, m)) == m for o in range(1, 300) for m in range(1, o + 1))
     block = ref.PreActBottleneck(10, 22, bottle_ratio=math.nextafter(15 / 22, 1.0))
     assert block.mid_chs == 15
