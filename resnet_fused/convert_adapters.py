@@ -283,8 +283,9 @@ class PreActAdapter(_Adapter):
     @staticmethod
     def _check_norm(name: str, norm: Any, library: str, reasons: Reasons) -> None:
         if library == "timm":
-            # By name: the block came from timm, whose BatchNormAct2d subclasses nn.BatchNorm2d.
-            if type(norm).__name__ != "BatchNormAct2d" or not isinstance(norm, nn.BatchNorm2d):
+            # Loaded already: the block came from timm, whose blocks import its norm layers.
+            norm_act = sys.modules.get("timm.layers.norm_act")
+            if norm_act is None or type(norm) is not norm_act.BatchNormAct2d:
                 reasons.append((name, f"{type(norm).__name__} (only BatchNorm + ReLU norms are fused)"))
                 return
             act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
