@@ -19,11 +19,13 @@ import torch.nn as nn
 import resnet_fused as rf
 from helpers import DEVICE, SMALL_CONV, SMALL_STATS, assert_parity, randomize_bn, requires_triton
 from resnet_fused import reference as ref
+from resnet_fused.convert_adapters import bottle_ratio
 from resnet_fused.triton.configs import forced_configs
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
 
 timm = pytest.importorskip("timm", reason="timm is optional; the timm conversion tests need it")
 from timm.layers import BatchNormAct2d, DropPath, GroupNormAct, create_conv2d  # noqa: E402
+from timm.models import resnet as timm_resnet  # noqa: E402
 from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
 
 interpreted = requires_triton
@@ -127,6 +129,65 @@ def test_converted_timm_model_matches_eager(basic, mode, gen):
             assert int(fused_state[key]) == int(value), key
 
 
+def _identity_pool_block(kind: str, pool: bool) -> nn.Module:
+    """A timm block whose projection average-pools (pool=True, stride 2) or carries an
+    ``nn.Identity`` where the pool would be (pool=False, stride 1): a plain 1x1 projection."""
+    stride = 2 if pool else 1
+    if kind == "preact":  # resnetv2's DownsampleAvg: its pool is Identity at stride 1
+        return timm_block(32, 16, stride=stride, proj_layer=timm_resnetv2.DownsampleAvg)
+    # timm resnet's avg_down projection: Sequential(Identity | AvgPool2d, Conv2d 1x1, BatchNorm2d)
+    downsample = timm_resnet.downsample_avg(16, 32, 1, stride=stride)
+    return timm_resnet.Bottleneck(16, 8, stride=stride, downsample=downsample)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["preact", "postact"])
+def test_identity_pool_projections_fuse_and_match_eager(kind, gen):
+    """A projection that average-pools only in form (an Identity pool) converts and computes what
+    the original does (output, input and parameter gradients, running statistics, train mode,
+    against float64); the same block with a real pool stays eager, and its reason says so."""
+    original = nn.Sequential(_identity_pool_block(kind, pool=False))
+    randomize_bn(original, gen)
+    original.train()
+    exact, eager = copy.deepcopy(original).double(), copy.deepcopy(original)
+    fused = copy.deepcopy(original)
+    keys = list(fused.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fusable: no warning
+        rf.convert(fused, backend="triton")
+    assert isinstance(fused[0], rf.FusedBottleneck if kind == "preact" else rf.FusedTimmBottleneck)
+    assert list(fused.state_dict()) == keys
+    assert rf.describe(fused, as_dict=True)["0"]["reason"] is None
+    x = torch.randn(2, 16, 8, 8, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, 32, 8, 8, generator=gen, dtype=torch.float64)
+    exact, eager, fused = exact.to(DEVICE), eager.to(DEVICE), fused.to(DEVICE)
+    x, grad_out = x.to(DEVICE), grad_out.to(DEVICE)
+    got, counts = run(fused, x.float(), grad_out)
+    assert counts["_bn_relu_conv_kernel"] >= 3, counts  # every conv of the chain in the fused kernel
+    (want, _), (eager_got, _) = run(exact, x, grad_out), run(eager, x.float(), grad_out)
+    assert set(got) == set(want)
+    for name in want:
+        assert_parity(got[name], eager_got[name], want[name], torch.float32, name)
+    exact_state, eager_state, fused_state = exact.state_dict(), eager.state_dict(), fused.state_dict()
+    for key, value in exact_state.items():
+        if "running" in key:
+            assert_parity(fused_state[key], eager_state[key], value, torch.float32, key)
+        elif key.endswith("num_batches_tracked"):
+            assert int(fused_state[key]) == int(value), key
+    back = rf.unconvert(fused)
+    assert list(back.state_dict()) == keys  # a pre-activation block comes back as the reference block
+    if kind == "postact":  # timm's block, the Identity the fused block did not need back in its place
+        assert type(back[0]) is timm_resnet.Bottleneck and type(back[0].downsample[0]) is nn.Identity
+        assert len(back[0].downsample) == 3
+
+    pooled = nn.Sequential(_identity_pool_block(kind, pool=True))
+    eager_cls = type(pooled[0])
+    with pytest.warns(UserWarning, match=r"0: downsample: average-pool shortcut"):
+        rf.convert(pooled, backend="triton")
+    assert type(pooled[0]) is eager_cls
+    assert "average-pool shortcut" in rf.describe(pooled, as_dict=True)["0"]["reason"]
+
+
 def test_converted_package_model_is_eager_identical_on_cpu_with_auto(gen):
     """resnet_v2_18 (reference blocks) converted with backend="auto": on the CPU the fused blocks
     run eager PyTorch, so outputs and gradients are bitwise those of the original, and no
@@ -222,9 +283,9 @@ def test_bottle_ratio_survives_float_rounding():
     """mid/out * out can round below mid (15/22 * 22 = 14.999...): the ratio is nudged so the
     block's int(out * ratio) is exactly the middle width."""
     assert int(22 * (15 / 22)) == 14  # the trap the nudge avoids
-    ratio = convert_module._bottle_ratio(22, 15)
+    ratio = bottle_ratio(22, 15)
     assert int(22 * ratio) == 15
-    ratio_of = convert_module._bottle_ratio
+    ratio_of = bottle_ratio
     assert all(int(o * ratio_of(o, m)) == m for o in range(1, 300) for m in range(1, o + 1))
     block = ref.PreActBottleneck(10, 22, bottle_ratio=math.nextafter(15 / 22, 1.0))
     assert block.mid_chs == 15

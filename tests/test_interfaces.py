@@ -430,8 +430,6 @@ def _has_attention(block: nn.Module) -> bool:
                for k in ("se", "attn"))
 
 
-@pytest.mark.xfail(strict=True, reason="convert does not yet fuse an Identity-pool / stride-1 DownsampleAvg "
-                                       "projection; remove this marker with that fix")
 @pytest.mark.parametrize("name", ["resnet14t", "resnet26t", "resnet50d", "resnetv2_50d"])
 def test_convert_fuses_projections_in_all_but_form(name):
     """ResNet-D/T variants: every block without a real average pool or attention converts

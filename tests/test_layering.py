@@ -41,6 +41,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     # 5: stages, models, convert, the flops command line, the public API
     "resnet_fused.stage": (5, "top"),
     "resnet_fused.models": (5, "top"),
+    "resnet_fused.convert_adapters": (5, "top"),
     "resnet_fused.convert_postact": (5, "top"),
     "resnet_fused.convert": (5, "top"),
     "resnet_fused.flops": (5, "top"),
