@@ -354,8 +354,9 @@ def make_postact(case: str, dtype: torch.dtype, gen: torch.Generator, backend: s
     return fused, exact, eager
 
 
-def make_postact_input(case, dtype, gen, offset=0.0, spread=1.0, memory_format=None):
-    _, kwargs, _, (n, h, w), layout = POSTACT_CASES[case]
+def make_postact_input(case, dtype, gen, offset=0.0, spread=1.0, memory_format=None, shape=None):
+    _, kwargs, _, default_shape, layout = POSTACT_CASES[case]
+    n, h, w = shape or default_shape
     x = torch.randn(n, kwargs["inplanes"], h, w, generator=gen, dtype=torch.float64) * spread + offset
     return x.to(DEVICE, dtype).contiguous(memory_format=memory_format or layout)
 
@@ -364,13 +365,13 @@ def _postact_convs(case: str) -> int:
     return CONVS[POSTACT_CASES[case][0]]
 
 
-def check_postact_forward(case, backend, mode, dtype, gen, grad=None, memory_format=None):
+def check_postact_forward(case, backend, mode, dtype, gen, grad=None, memory_format=None, shape=None):
     """Output and running statistics of one post-activation case (2x-eager rule), with the
     launch assertions: a training (or grad-carrying) forward runs every conv and the projection
     as fused convs; an eval forward without grad folds to one fused conv per chain conv."""
     fused, exact, eager = make_postact(case, dtype, gen, backend)
     set_mode((fused, exact, eager), mode)
-    x = make_postact_input(case, dtype, gen, offset=0.5, spread=1.5, memory_format=memory_format)
+    x = make_postact_input(case, dtype, gen, offset=0.5, spread=1.5, memory_format=memory_format, shape=shape)
     grad = (mode == "frozen") if grad is None else grad
     reset_launches()
     with fused_context(backend), torch.set_grad_enabled(grad):

@@ -35,7 +35,7 @@ post-activation ones (``block_cases.POSTACT_CASES``, torchvision's blocks as the
 ``check_postact_backward``. CI runs each fault x path x backend x dtype once on the
 pre-activation cases (fp32 and fp16 for both backends, bf16 for the CUDA host emulator) and, on
 the post-activation ones, each closing-pass / raw-input fault once per backend and every other
-fault once (backend and dtype alternating), cycling through
+fault once on the CUDA host emulator (dtype alternating), cycling through
 the cases that run it; RESNET_FUSED_MUTATIONS=all runs every case that runs the path, both
 backends, fp32 and fp16 (and bf16 on the pre-activation cases), train and frozen (the full
 sweep).
@@ -362,10 +362,12 @@ def _ci_matrix():
     post = itertools.count()
     for f, key in enumerate(FAULTS):
         eligible = [c for c in POSTACT_CASES if _runs(key, c)]
-        # the closing pass's faults on both backends; the shared ones on one, alternating
-        backends = ("triton", "cuda") if key in POSTACT_ONLY else (("triton", "cuda")[f % 2],)
+        # The post-activation kernels' faults on both backends; the shared kernels' faults (their
+        # Triton kernels are the pre-activation rows' above, the orchestration is backend-blind)
+        # on the fast host emulator only.
+        backends = ("triton", "cuda") if key in POSTACT_ONLY else ("cuda",)
         for b, backend in enumerate(backends if eligible else ()):
-            rows.append((key, backend, (torch.float32, torch.float16)[(f // 2 + b) % 2],
+            rows.append((key, backend, (torch.float32, torch.float16)[(f + b) % 2],
                          eligible[next(post) % len(eligible)], "train"))
     return rows
 
