@@ -413,12 +413,18 @@ def check_postact_backward(case, backend, mode, dtype, gen, memory_format=None):
     case (2x-eager rule), and the running statistics the step moved; launch assertions on the
     backward's kernels. 16-bit cases are well conditioned as :func:`check_backward`'s are
     (:func:`condition_bn`, calibrated running statistics, the twin's conv outputs rounded as
-    stored: :func:`convs_stored_as`), so the plain 2x rule holds without widening."""
+    stored in train mode: :func:`convs_stored_as`), so the plain 2x rule holds without widening."""
     fused, exact, eager = make_postact(case, dtype, gen, backend)
     x = make_postact_input(case, dtype, gen, memory_format=memory_format)
     low = dtype in (torch.float16, torch.bfloat16)
     if low:
         condition_bn(fused, gen)
+        if fused.downsample is not None:
+            # z = bn_last(y) + bn_proj(yd): both terms' per-channel signs alike, so their sum keeps
+            # away from the closing ReLU's kink as each term does (opposite signs would cancel)
+            with torch.no_grad():
+                last, proj = fused._chain()[-1][1], fused.downsample[1]
+                proj.bias.copy_(proj.bias.abs() * torch.sign(last.bias))
         exact.load_state_dict(fused.state_dict())
         calibrate_running_stats(exact, x)  # the reference twin: no fused kernel runs
         fused.load_state_dict(exact.state_dict())  # rounded to dtype
@@ -435,7 +441,10 @@ def check_postact_backward(case, backend, mode, dtype, gen, memory_format=None):
     with fused_context(backend):
         got = block_grads(fused, x, grad_out)
     counts = launches(backend)
-    with convs_stored_as(exact, dtype) if low else contextlib.nullcontext():
+    # The stored-output rounding is for the train-mode norms' near-cancelling batch sums; with
+    # frozen norms the unrounded float64 twin is the closer reference (measured: both fused and
+    # eager 3-5% off a rounded twin on a frozen fp16 ResNeXt weight gradient, 5e-4 off this one).
+    with convs_stored_as(exact, dtype) if low and mode == "train" else contextlib.nullcontext():
         want = block_grads(exact, x.double(), grad_out.double())
     eager_got = block_grads(eager, x, grad_out)
     n_convs, proj = _postact_convs(case), postact_projection(case)
