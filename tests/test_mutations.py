@@ -19,12 +19,26 @@ Faults, and the paths (kernel-set calls) each one is injected into:
   variance of ``finalize`` divided by n + 1) or the BN-backward coefficients with count n + 1
   (``bwd``, train-mode norms);
 * ``shortcut-twice``: the shortcut's gradient added twice: the identity / subsample gradient in
-  the final BN-backward apply (``add``) or the projection's dgrad K-loop (``proj``).
+  the final BN-backward apply (``add``) or the projection's dgrad K-loop (``proj``); in the
+  post-activation closing pass relu(bn(y) + shortcut), the shortcut added twice
+  (``closing-fwd``: ``postact_out``);
+* ``wgrad-x1.05`` on ``raw``: the weight gradient of a conv whose input is the raw block input
+  (the post-activation first conv and projection: ``plain_conv_wgrad``) scaled by 1.05;
+* ``relu-mask`` on ``closing-bwd``: channel 0's mask [z > 0] of the closing pass inverted in its
+  backward (``postact_out_backward``'s g');
+* ``sums-x1.05`` on ``closing-bwd``: the BN-backward partial sums the closing pass's backward
+  returns for the last norm scaled by 1.05.
 
 A hook counts its hits; a case "runs the path" when the hook fired, and then the check must
-fail. CI runs each fault x path x backend x dtype once (fp32 and fp16 for both backends, bf16
-for the CUDA host emulator), cycling through the block cases; RESNET_FUSED_MUTATIONS=all runs
-every case that runs the path in train and frozen mode (the full sweep).
+fail. Pre-activation cases (``block_cases.CASES``) go through ``check_backward``,
+post-activation ones (``block_cases.POSTACT_CASES``, torchvision's blocks as the twins) through
+``check_postact_backward``. CI runs each fault x path x backend x dtype once on the
+pre-activation cases (fp32 and fp16 for both backends, bf16 for the CUDA host emulator) and, on
+the post-activation ones, each closing-pass / raw-input fault once per backend and every other
+fault once on the CUDA host emulator (dtype alternating), cycling through
+the cases that run it; RESNET_FUSED_MUTATIONS=all runs every case that runs the path, both
+backends, fp32 and fp16 (and bf16 on the pre-activation cases), train and frozen (the full
+sweep).
 """
 from __future__ import annotations
 
@@ -34,7 +48,7 @@ import os
 import pytest
 import torch
 
-from block_cases import CASES, check_backward, shortcut_of
+from block_cases import CASES, POSTACT_CASES, check_backward, check_postact_backward, postact_projection, shortcut_of
 from helpers import requires_triton
 from resnet_fused import _extension
 
@@ -246,6 +260,51 @@ def _(ks, monkeypatch, hits):
     _wrap(ks, monkeypatch, "conv_dgrad", make)
 
 
+@fault("wgrad-x1.05", "raw")
+def _(ks, monkeypatch, hits):
+    def make(orig):
+        def plain_conv_wgrad(*args, **kwargs):
+            hits.append("plain_conv_wgrad")
+            return orig(*args, **kwargs) * 1.05
+        return plain_conv_wgrad
+    _wrap(ks, monkeypatch, "plain_conv_wgrad", make)
+
+
+@fault("shortcut-twice", "closing-fwd")
+def _(ks, monkeypatch, hits):
+    def make(orig):
+        def postact_out(y, scale, shift, sc, *args, **kwargs):
+            hits.append("postact_out")
+            return orig(y, scale, shift, sc * 2, *args, **kwargs)
+        return postact_out
+    _wrap(ks, monkeypatch, "postact_out", make)
+
+
+@fault("relu-mask", "closing-bwd")
+def _(ks, monkeypatch, hits):
+    """g' = grad * [z <= 0] on channel 0: the closing ReLU's mask inverted there."""
+    def make(orig):
+        def postact_out_backward(grad, *args, **kwargs):
+            hits.append("postact_out_backward")
+            g_z, part, part_d = orig(grad, *args, **kwargs)
+            g_z = g_z.clone()
+            g_z[:, 0] = grad[:, 0] - g_z[:, 0]
+            return g_z, part, part_d
+        return postact_out_backward
+    _wrap(ks, monkeypatch, "postact_out_backward", make)
+
+
+@fault("sums-x1.05", "closing-bwd")
+def _(ks, monkeypatch, hits):
+    def make(orig):
+        def postact_out_backward(*args, **kwargs):
+            hits.append("postact_out_backward")
+            g_z, part, part_d = orig(*args, **kwargs)
+            return g_z, part * 1.05, part_d
+        return postact_out_backward
+    _wrap(ks, monkeypatch, "postact_out_backward", make)
+
+
 def kernel_set(backend: str):
     if backend == "cuda":
         from resnet_fused.cuda.kernel_set import CUDA
@@ -254,8 +313,24 @@ def kernel_set(backend: str):
     return TRITON
 
 
+#: Faults whose path only the post-activation blocks run (their closing pass, raw-input wgrad).
+POSTACT_ONLY = {("wgrad-x1.05", "raw"), ("shortcut-twice", "closing-fwd"), ("relu-mask", "closing-bwd"),
+                ("sums-x1.05", "closing-bwd")}
+
+
 #: Which cases can run a path (the hook decides; this only keeps CI's cycle on cases that do).
 def _runs(path_key, case: str) -> bool:
+    if case in POSTACT_CASES:
+        kind = POSTACT_CASES[case][0]
+        if path_key == ("wgrad-x1.05", "1x1"):  # conv1 and the projection are raw-input wgrads
+            return kind == "bottleneck"
+        if path_key == ("shortcut-twice", "add"):  # the identity's gradient is added by the op
+            return False
+        if path_key == ("shortcut-twice", "proj"):
+            return postact_projection(case)
+        return True
+    if path_key in POSTACT_ONLY:
+        return False
     kind, shortcut = CASES[case][0], shortcut_of(case)
     if path_key == ("wgrad-x1.05", "1x1"):
         return kind == "bottleneck" or shortcut == "projection"
@@ -271,19 +346,38 @@ BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16),
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+POSTACT_BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16),
+                          ("cuda", torch.float32), ("cuda", torch.float16)]
+
+
 def _ci_matrix():
-    """Each fault x path x backend x dtype once, train mode, cycling through the cases that run it."""
+    """Pre-activation: each fault x path x backend x dtype once; post-activation: each fault x
+    path once per backend, fp32 and fp16 alternating; train mode, cycling through the cases
+    that run it."""
     rows, counter = [], itertools.count()
     for key in FAULTS:
         eligible = [c for c in CASES if _runs(key, c)]
-        for backend, dtype in BACKEND_DTYPES:
+        for backend, dtype in BACKEND_DTYPES if eligible else ():
             rows.append((key, backend, dtype, eligible[next(counter) % len(eligible)], "train"))
+    post = itertools.count()
+    for f, key in enumerate(FAULTS):
+        eligible = [c for c in POSTACT_CASES if _runs(key, c)]
+        # The post-activation kernels' faults on both backends; the shared kernels' faults (their
+        # Triton kernels are the pre-activation rows' above, the orchestration is backend-blind)
+        # on the fast host emulator only.
+        backends = ("triton", "cuda") if key in POSTACT_ONLY else ("cuda",)
+        for b, backend in enumerate(backends if eligible else ()):
+            rows.append((key, backend, (torch.float32, torch.float16)[(f + b) % 2],
+                         eligible[next(post) % len(eligible)], "train"))
     return rows
 
 
 def _full_matrix():
-    return [(key, backend, dtype, case, mode) for key in FAULTS for backend, dtype in BACKEND_DTYPES
-            for case in CASES if _runs(key, case) for mode in ("train", "frozen")]
+    pre = [(key, backend, dtype, case, mode) for key in FAULTS for backend, dtype in BACKEND_DTYPES
+           for case in CASES if _runs(key, case) for mode in ("train", "frozen")]
+    post = [(key, backend, dtype, case, mode) for key in FAULTS for backend, dtype in POSTACT_BACKEND_DTYPES
+            for case in POSTACT_CASES if _runs(key, case) for mode in ("train", "frozen")]
+    return pre + post
 
 
 MATRIX = _full_matrix() if os.environ.get("RESNET_FUSED_MUTATIONS") == "all" else _ci_matrix()
@@ -303,8 +397,9 @@ def test_fault_fails_the_parity_check(key, backend, dtype, case, mode, monkeypat
     _needs(backend)
     hits: list = []
     FAULTS[key](kernel_set(backend), monkeypatch, hits)
+    check = check_postact_backward if case in POSTACT_CASES else check_backward
     try:
-        check_backward(case, backend, mode, dtype, gen)
+        check(case, backend, mode, dtype, gen)
     except AssertionError as failure:
         assert hits, f"the check failed without the fault firing: {failure}"
         return
@@ -319,3 +414,4 @@ def test_the_unmutated_check_passes(backend, gen):
     """The control: the same check, no fault (the cases above fail because of the fault)."""
     _needs(backend)
     check_backward("bottleneck-projection-s2", backend, "train", torch.float16, gen)
+    check_postact_backward("postact-bottleneck-projection-s2", backend, "train", torch.float16, gen)
