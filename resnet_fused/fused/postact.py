@@ -42,6 +42,7 @@ input (``plain_conv_wgrad``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -196,6 +197,15 @@ def _aten_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, 
     return d_in, d_w
 
 
+@functools.lru_cache(maxsize=64)
+def _pass_all(channels: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(zeros, ones) per channel: the (scale, shift) = (0, 1) prologue whose ReLU mask passes
+    every element, and zero (mean, invstd). Constants the kernels only read, made once per
+    shape instead of two allocations per backward."""
+    zero = torch.zeros(channels, dtype=dtype, device=device)
+    return zero, torch.ones_like(zero)
+
+
 def _coefficients(kernels: KernelSet, part: Tensor, v: Tensor, norm: SavedNorm) -> BNBackward:
     count = v.numel() // v.shape[1]
     return kernels.bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
@@ -208,8 +218,10 @@ def _act_conv_backward(kernels: KernelSet, grad: Tensor, weight: Tensor, v: Tens
     if weight.shape[-1] == 1 or _fuse_3x3(kernels, v, weight, stride, groups):
         g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
                                             stride=stride, groups=groups, prologue=prologue)
+        # A channels_last 3x3 weight gets its gradient in its own layout (no copy in the op).
+        cl_weight = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=weight.shape[-1], stride=stride,
-                                 groups=groups, prologue=prologue)
+                                 groups=groups, prologue=prologue, channels_last=cl_weight)
     else:  # hybrid 3x3: dy and the activation materialised once, ATen's dgrad and wgrad on them
         dy = kernels.bn_backward_apply(grad, prologue.y, prologue)
         act = kernels.bn_relu_apply(v, norm.scale, norm.shift)
@@ -271,9 +283,7 @@ def postact_backward(
     # conv0: its input is x itself, no activation: no ReLU mask (scale 0, shift 1 passes all).
     w0, s0, g0 = weights[0], strides[0], groups[0]
     if w0.shape[-1] == 1 or _fuse_3x3(kernels, x, w0, s0, g0):
-        ct = prologue.a.dtype
-        zero = torch.zeros(x.shape[1], dtype=ct, device=x.device)
-        one = torch.ones_like(zero)
+        zero, one = _pass_all(x.shape[1], prologue.a.dtype, x.device)
         second = dict(second_grad=dyd, second_weight=w_proj, second_stride=total) if dyd is not None else {}
         dx, _ = kernels.conv_dgrad(grad, w0, x, zero, one, zero, zero, stride=s0, groups=g0, prologue=prologue,
                                    **second)
