@@ -130,27 +130,6 @@ def _out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                          mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
-    """nn.BatchNorm2d's running update from a batch's mean and biased variance (``count`` values per
-    channel), in fp32 (fp64 for fp64 buffers); ``momentum=None``: the cumulative average."""
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if count == 0:
-            return
-        ct = torch.float64 if running_mean.dtype == torch.float64 else torch.float32
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = torch.reciprocal(num_batches_tracked.to(ct))
-        else:
-            factor = torch.full([], momentum, dtype=ct, device=running_mean.device)
-        unbiased = var.to(ct) * (count / max(count - 1, 1))
-        running_mean.copy_(torch.lerp(running_mean.to(ct), mean.to(ct), factor))
-        running_var.copy_(torch.lerp(running_var.to(ct), unbiased, factor))
-
-
 # ---------------------------------------------------------------------------------------
 # Pre-activation blocks (FusedBottleneck / FusedBasicBlock): norm1..3 are BatchNormReLU2d
 # ---------------------------------------------------------------------------------------
@@ -319,17 +298,18 @@ class PostActScript:
         params: List[Tensor] = weights + bn_w + bn_b
         if w_proj is not None:
             params.append(w_proj)
-        outs = torch.ops.resnet_fused.postact_block_forward(
-            x, weights, w_proj, bn_w, bn_b, [_or_empty(m, x, torch.float32) for m in means],
-            [_or_empty(v, x, torch.float32) for v in vars_], training, eps, strides, groups,
-            _fold(training, x, params), backend)
-        n_convs = len(weights)
+        update = False
         for i in range(len(training)):
-            rmean = means[i]
-            rvar = vars_[i]
-            if training[i] and modes[i] and rmean is not None and rvar is not None:
-                stats = outs[n_convs + i]  # [5, C] = (mean, biased var, invstd, scale, shift)
-                _update_running_stats(rmean, rvar, counters[i], stats[0], stats[1], counts[i], moms[i])
+            if training[i] and modes[i] and means[i] is not None:
+                update = True
+        rm: List[Tensor] = [_or_empty(m, x, torch.float32) for m in means]
+        if update:
+            for c in counters:
+                rm.append(_or_empty(c, x, torch.long))
+        mom: List[float] = [_momentum(m) for m in moms]
+        outs = torch.ops.resnet_fused.postact_block_forward(
+            x, weights, w_proj, bn_w, bn_b, rm, [_or_empty(v, x, torch.float32) for v in vars_], training, eps,
+            strides, groups, _fold(training, x, params), backend, mom, update)
         return _output_format(x, outs[0])
 
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import graph_forward, reference
+from . import graph_forward
 from .backends import block_backend, resolve_backend
 from .ops import postact_blocks as postact_ops
 
@@ -172,21 +172,20 @@ class _PostActBlock(nn.Module):
                                  f"{list(x.shape)} ({type(self).__name__}: a norm sees one value per channel)")
         fold = not any(training) and not (
             torch.is_grad_enabled() and (xc.requires_grad or any(p.requires_grad for p in self.parameters())))
+        # The op moves the running statistics of a training BatchNorm inside its finalize launch;
+        # the counters follow the running means (see ops/postact_blocks.py).
+        update = any(t and nm.training and nm.running_mean is not None for nm, t in zip(norms, training))
+        means = [nm.running_mean if nm.running_mean is not None else empty for nm in norms]
+        if update:
+            means += [nm.num_batches_tracked if getattr(nm, "num_batches_tracked", None) is not None
+                      and nm.training else xc.new_empty((0,), dtype=torch.long) for nm in norms]
+        momentum = [-1.0 if getattr(nm, "momentum", 0.1) is None else float(getattr(nm, "momentum", 0.1))
+                    for nm in norms]
         outs = postact_ops.postact_block_forward(
             xc, weights, w_proj,
-            [nm.weight for nm in norms], [nm.bias for nm in norms],
-            [nm.running_mean if nm.running_mean is not None else empty for nm in norms],
+            [nm.weight for nm in norms], [nm.bias for nm in norms], means,
             [nm.running_var if nm.running_var is not None else empty for nm in norms],
-            training, [float(nm.eps) for nm in norms], strides, groups, fold, backend)
-        stats = outs[len(weights):]
-        for i, (nm, trains) in enumerate(zip(norms, training)):
-            if not (trains and nm.training and nm.running_mean is not None):
-                continue
-            if counts[i] == 0:
-                nm.num_batches_tracked.add_(1)
-            else:
-                reference.update_running_stats(nm.running_mean, nm.running_var, nm.num_batches_tracked,
-                                               stats[i][0], stats[i][1], counts[i], nm.momentum)
+            training, [float(nm.eps) for nm in norms], strides, groups, fold, backend, momentum, update)
         out = outs[0]
         if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
             return out.contiguous()

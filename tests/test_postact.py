@@ -365,8 +365,11 @@ def test_opcheck(gen):
     x = make_input("bottleneck-projection-s2", torch.float32, gen).requires_grad_()
     norms = [fused.bn1, fused.bn2, fused.bn3, fused.downsample[1]]
     args = (x, [fused.conv1.weight, fused.conv2.weight, fused.conv3.weight], fused.downsample[0].weight,
-            [n.weight for n in norms], [n.bias for n in norms], [n.running_mean for n in norms],
-            [n.running_var for n in norms], [True] * 4, [1e-5] * 4, [1, 2, 1], [1, 1, 1], False, "triton")
+            [n.weight for n in norms], [n.bias for n in norms],
+            [n.running_mean for n in norms] + [n.num_batches_tracked for n in norms],
+            [n.running_var for n in norms], [True] * 4, [1e-5] * 4, [1, 2, 1], [1, 1, 1], False, "triton",
+            [0.1, -1.0, 0.1, 0.1], True)
+    # The op moves the running statistics (declared mutated): the schema test checks exactly that.
     torch.library.opcheck(torch.ops.resnet_fused.postact_block_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

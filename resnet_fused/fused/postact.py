@@ -11,11 +11,17 @@ convs 1x1, 3x3 (stride on it: v1.5, or on the first 1x1: v1; groups = ResNeXt's 
     yd = conv_d(x)                                    (projection) epilogue: statistics -> bn_d
     out = relu(bn_last(y_last) + (x | bn_d(yd)))      one elementwise pass, both affines
 
-Eval (no norm training, nothing needing a gradient): every BN is a constant affine. The inner
-norms fold into the producing conv's epilogue (it stores relu(bn(y)), so the next conv has no
-prologue); the last norm and the projection's norm fold into the last conv's WEIGHTS (scaled per
-output channel) with their shifts, the shortcut add (identity, or the projection as a second
-K-loop over x) and the ReLU in its epilogue: one kernel per conv, no elementwise pass.
+Eval (no norm training, nothing needing a gradient): every BN is a constant affine, one kernel
+per conv. The inner norms fold into the producing conv's epilogue (it stores relu(bn(y)), so the
+next conv has no prologue), their affines computed from the running statistics inside the conv
+where the kernel set can (``affine_from_stats``). The last conv stores the closing
+relu(bn_last(y) + shortcut) in its epilogue (``postact_close``: the projection a second K-loop on
+its own accumulator under its norm's affine), no torch op touching a weight or a statistic; a
+kernel set without that epilogue gets the last norm and the projection's norm folded into the
+weights (scaled per output channel, shifts summed) with the add and the ReLU in the epilogue.
+
+Running statistics: a training norm with ``update`` moves its running mean and variance and
+counts the batch inside its finalize launch.
 
 Backward (g = dL/dout). Saved by the forward: x and y0 .. y_{last-1} plus per-channel statistics;
 no activation, and neither y_last, yd nor out: y_last (and yd) are recomputed by one forward conv
@@ -36,6 +42,7 @@ input (``plain_conv_wgrad``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -49,14 +56,25 @@ __all__ = ["postact_forward", "postact_backward"]
 
 
 def _affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, of: Tensor) -> Affine:
-    """One finalize launch: from the partials of ``of`` (a training norm), or from the running
-    statistics (any other)."""
+    """One finalize launch: from the partials of ``of`` (a training norm; the running update and
+    the batch count in the same launch when ``norm.update``), or from the running statistics
+    (any other)."""
     if norm.training:
-        return Affine(kernels.finalize_stats(part, norm.weight, norm.bias, norm.eps,
-                                             count=of.numel() // max(of.shape[1], 1)))
+        return Affine(kernels.finalize_stats(
+            part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
+            num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update,
+            count=of.numel() // max(of.shape[1], 1)))
     return Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
                                          running_var=norm.running_var, from_running=True,
                                          dtype=stats_dtype(of.dtype)))
+
+
+def _eval_affine(kernels: KernelSet, norm: NormInputs, of: Tensor) -> Affine:
+    """An eval-mode norm applied in a conv's epilogue: computed there from its running statistics
+    where the kernel set can (no launch), else one finalize launch."""
+    if kernels.affine_from_stats:
+        return Affine(norm=norm)
+    return _affine(kernels, None, norm, of)
 
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -83,16 +101,36 @@ def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: Affine, *, 
 
 
 def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
-                  affines: Sequence[Affine], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
+                  norms: Sequence[NormInputs], strides: Sequence[int], groups: Sequence[int]) -> Tensor:
+    """Every norm a constant affine, one kernel per conv: the inner norms in the producing conv's
+    epilogue (it stores relu(bn(y)), the next conv has no prologue); the last conv stores the
+    closing relu(bn_last(y) + shortcut), the projection a second K-loop in it."""
     h = x
-    for w, a, s, g in zip(weights[:-1], affines, strides, groups):
-        h, _ = kernels.conv(h, w, stride=s, groups=g, post_scale=a.scale, post_shift=a.shift)
-    last = affines[len(weights) - 1]
+    for w, nm, s, g in zip(weights[:-1], norms, strides, groups):
+        post = _eval_affine(kernels, nm, h)
+        h, _ = kernels.conv(h, w, stride=s, groups=g, **post.args("post_scale", "post_shift", "post_stats"))
+    n_convs = len(weights)
+    last_norm = norms[n_convs - 1]
+    proj_norm = norms[n_convs] if w_proj is not None else None
+    if getattr(kernels, "postact_close", False):
+        last = _eval_affine(kernels, last_norm, h)
+        if proj_norm is None:
+            sc = dict(shortcut=x, shortcut_kind=SHORTCUT_ADD, shortcut_stride=1)
+        else:
+            proj = _eval_affine(kernels, proj_norm, x)
+            sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
+                      proj_weight=w_proj, **proj.args("proj_scale", "proj_shift", "proj_stats"))
+        out, _ = kernels.conv(h, weights[-1], stride=strides[-1], groups=groups[-1], postact_close=True, **sc,
+                              **last.args("post_scale", "post_shift", "post_stats"))
+        return out
+    # A conv without the closing epilogue: the last norm (and the projection's) fold into the
+    # weights, scaled per output channel, their shifts summed into a bias-like post shift.
+    last = _affine(kernels, None, last_norm, h)
     ct = last.scale.dtype
     w_last = (weights[-1].to(ct) * last.scale.view(-1, 1, 1, 1)).to(x.dtype)
     shift = last.shift
-    if w_proj is not None:
-        proj = affines[len(weights)]
+    if proj_norm is not None:
+        proj = _affine(kernels, None, proj_norm, x)
         sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
                   proj_weight=(w_proj.to(ct) * proj.scale.view(-1, 1, 1, 1)).to(x.dtype))
         shift = shift + proj.shift
@@ -114,14 +152,13 @@ def postact_forward(
     kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
     norms: Sequence[NormInputs], *, strides: Sequence[int], groups: Sequence[int], fold_eval: bool,
 ) -> tuple[Tensor, list[Tensor], list[Affine]]:
-    """(out, [y0 .. y_{last-1}] for the backward (none when folded), the affines of every norm:
-    one per conv, then the projection's)."""
+    """(out, [y0 .. y_{last-1}] for the backward, the affines of every norm: one per conv, then
+    the projection's; neither when folded)."""
     x = x.contiguous(memory_format=torch.channels_last)
     n_convs = len(weights)
     fold = fold_eval and not any(nm.training for nm in norms)
     if fold:
-        affines = [_affine(kernels, None, nm, x) for nm in norms]
-        return _eval_forward(kernels, x, weights, w_proj, affines, strides, groups), [], affines
+        return _eval_forward(kernels, x, weights, w_proj, norms, strides, groups), [], []
     ys: list[Tensor] = []
     affines = []
     h, prev = x, None
@@ -160,6 +197,15 @@ def _aten_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, 
     return d_in, d_w
 
 
+@functools.lru_cache(maxsize=64)
+def _pass_all(channels: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(zeros, ones) per channel: the (scale, shift) = (0, 1) prologue whose ReLU mask passes
+    every element, and zero (mean, invstd). Constants the kernels only read, made once per
+    shape instead of two allocations per backward."""
+    zero = torch.zeros(channels, dtype=dtype, device=device)
+    return zero, torch.ones_like(zero)
+
+
 def _coefficients(kernels: KernelSet, part: Tensor, v: Tensor, norm: SavedNorm) -> BNBackward:
     count = v.numel() // v.shape[1]
     return kernels.bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
@@ -172,8 +218,10 @@ def _act_conv_backward(kernels: KernelSet, grad: Tensor, weight: Tensor, v: Tens
     if weight.shape[-1] == 1 or _fuse_3x3(kernels, v, weight, stride, groups):
         g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
                                             stride=stride, groups=groups, prologue=prologue)
+        # A channels_last 3x3 weight gets its gradient in its own layout (no copy in the op).
+        cl_weight = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=weight.shape[-1], stride=stride,
-                                 groups=groups, prologue=prologue)
+                                 groups=groups, prologue=prologue, channels_last=cl_weight)
     else:  # hybrid 3x3: dy and the activation materialised once, ATen's dgrad and wgrad on them
         dy = kernels.bn_backward_apply(grad, prologue.y, prologue)
         act = kernels.bn_relu_apply(v, norm.scale, norm.shift)
@@ -235,9 +283,7 @@ def postact_backward(
     # conv0: its input is x itself, no activation: no ReLU mask (scale 0, shift 1 passes all).
     w0, s0, g0 = weights[0], strides[0], groups[0]
     if w0.shape[-1] == 1 or _fuse_3x3(kernels, x, w0, s0, g0):
-        ct = prologue.a.dtype
-        zero = torch.zeros(x.shape[1], dtype=ct, device=x.device)
-        one = torch.ones_like(zero)
+        zero, one = _pass_all(x.shape[1], prologue.a.dtype, x.device)
         second = dict(second_grad=dyd, second_weight=w_proj, second_stride=total) if dyd is not None else {}
         dx, _ = kernels.conv_dgrad(grad, w0, x, zero, one, zero, zero, stride=s0, groups=g0, prologue=prologue,
                                    **second)

@@ -12,9 +12,18 @@ under TRITON_INTERPRET=1), ``cuda`` (the C++ kernels; their host emulation on CP
 ``reference`` (eager PyTorch, also the CPU fallback). The orchestration is
 ``fused/postact.py``.
 
-Outputs: [out (channels_last), y0 .. y_{last-1} (the conv outputs the backward needs; empty
-tensors when eval-mode BN is folded), then per norm [5, C] = (mean, biased var, invstd, scale,
-shift)]. Functional: the module updates the running statistics from the returned statistics.
+Outputs, a fixed tuple of seven: (out (channels_last), y0, y1 (the conv outputs the backward
+needs; y1 empty for a two-conv unit, both empty when eval-mode BN is folded), then per norm
+[5, C] = (mean, biased var, invstd, scale, shift) for up to four norms (empty for a norm the unit
+does not have, and for every norm when folded)). A fixed tuple, not a list: the op mutates its
+running statistics, and ``torch.compile`` functionalizes a mutating op only with fixed outputs.
+
+Running statistics: as the pre-activation ops (``ops/blocks.py``), with ``update_stats`` each
+training norm's running mean and variance move and its batch is counted inside that norm's
+finalize launch; ``running_means`` carries the running means followed by the
+``num_batches_tracked`` counters, ``momentum`` entries < 0 mean None (the cumulative average).
+The op therefore declares ``running_means`` / ``running_vars`` mutated and registers its
+autograd formula with ``ops.blocks._register_autograd``.
 
 Saved for backward by name: x, y0 .. y_{last-1}, the weights, BN parameters and the per-channel
 statistics. Never an activation, never y_last, the projection output or the block output: the
@@ -22,7 +31,7 @@ backward recomputes y_last and yd with one forward conv each.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +41,8 @@ from ..fused import postact as fused_postact
 from ..kernel_set import NormInputs, SavedNorm
 from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
-from .blocks import _check_backend, _check_no_double_backward, _kernel_set, _like_weight, runs_fused
+from .blocks import (_check_backend, _check_no_double_backward, _counters, _kernel_set, _like_weight, _momentum,
+                     _register_autograd, _trim, runs_fused)
 
 __all__ = ["postact_block_forward", "postact_block_backward"]
 
@@ -41,46 +51,95 @@ def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
     return (h - 1) // stride + 1, (w - 1) // stride + 1
 
 
+#: The op's fixed outputs: out, two conv outputs, four norms' statistics.
+_N_CONVS_MAX, _N_NORMS_MAX = 3, 4
+_MUTATES = ("running_means", "running_vars")
+
+
 def _folds(fold_eval: bool, training: Sequence[bool]) -> bool:
     return fold_eval and not any(training)
 
 
-def _outputs(out: Tensor, convs: Sequence[Tensor], n_saved: int, stats: Sequence[Tensor]) -> list[Tensor]:
+def _check_chain(weights: Sequence[Tensor], w_proj: Optional[Tensor], bn_weights: Sequence[Tensor]) -> None:
+    if len(weights) not in (2, 3):
+        raise ValueError(f"postact_block_forward: a unit has 2 (basic) or 3 (bottleneck) convs, got {len(weights)}")
+    want = len(weights) + (w_proj is not None)
+    if len(bn_weights) != want:
+        raise ValueError(f"postact_block_forward: {want} norms expected (one per conv, then the projection's), "
+                         f"got {len(bn_weights)}")
+
+
+def _outputs(out: Tensor, convs: Sequence[Tensor], stats: Sequence[Optional[Tensor]]) -> tuple[Tensor, ...]:
+    """The fixed tuple: fresh tensors, none aliasing another or an input (distinct empties)."""
     cl = torch.channels_last
-    saved = [y.contiguous(memory_format=cl) for y in convs] if convs else \
-        [out.new_empty((0,)) for _ in range(n_saved)]
-    return [out.contiguous(memory_format=cl)] + saved + list(stats)
+    ct = reference.stats_dtype(out.dtype)
+    ys = [y.contiguous(memory_format=cl) for y in convs]
+    ys += [out.new_empty((0,)) for _ in range(_N_CONVS_MAX - 1 - len(ys))]
+    rows = [t if t is not None else out.new_empty((0,), dtype=ct) for t in stats]
+    rows += [out.new_empty((0,), dtype=ct) for _ in range(_N_NORMS_MAX - len(rows))]
+    return tuple([out.contiguous(memory_format=cl)] + ys + rows)
 
 
-@torch.library.custom_op("resnet_fused::postact_block_forward", mutates_args=())
+def _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum,
+                 update) -> list[NormInputs]:
+    n = len(training)
+    counters = _counters(running_means, n, update)
+    return [NormInputs(bn_weights[i], bn_biases[i], running_means[i], running_vars[i], training[i], eps[i],
+                       counters[i], _momentum(momentum, i), update and training[i] and running_means[i].numel() > 0)
+            for i in range(n)]
+
+
+def _reference_update(norms: Sequence[NormInputs], stats: Sequence[tuple[Tensor, Tensor]],
+                      counts: Sequence[int]) -> None:
+    """The reference backend's running update (eager BatchNorm's formulas)."""
+    for nm, (mean, var), count in zip(norms, stats, counts):
+        if nm.update:
+            reference.update_running_stats(nm.running_mean, nm.running_var, nm.num_batches_tracked, mean, var,
+                                           count, nm.momentum)
+
+
+def _counts(x: Tensor, strides: Sequence[int], with_proj: bool) -> list[int]:
+    n, _, h, w = x.shape
+    counts = []
+    for s in strides:
+        h, w = _out_hw(h, w, s)
+        counts.append(n * h * w)
+    return counts + ([counts[-1]] if with_proj else [])
+
+
+@torch.library.custom_op("resnet_fused::postact_block_forward", mutates_args=_MUTATES)
 def postact_block_forward(
     x: Tensor, weights: List[Tensor], w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], fold_eval: bool, backend: str,
-) -> List[Tensor]:
-    """[out, y0 .. y_{last-1}, stats0, stats1, ...] of a post-activation unit: per norm (one per
-    conv, then the projection's) ``stats`` [5, C] = (mean, biased var, invstd, scale, shift) as
-    its finalize wrote them (batch statistics for a training norm, running ones otherwise)."""
+    momentum: Optional[List[float]] = None, update_stats: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, y0, y1, stats0 .. stats3) of a post-activation unit: per norm (one per conv, then the
+    projection's) ``stats`` [5, C] = (mean, biased var, invstd, scale, shift) as its finalize wrote
+    them (batch statistics for a training norm, running ones otherwise)."""
     _check_backend(backend)
-    n_saved = len(weights) - 1
+    _check_chain(weights, w_proj, bn_weights)
+    norms = _norm_inputs(bn_weights, bn_biases, running_means, running_vars, training, eps, momentum, update_stats)
     if runs_fused(x, backend):
-        norms = [NormInputs(w, b, m, v, t, e)
-                 for w, b, m, v, t, e in zip(bn_weights, bn_biases, running_means, running_vars, training, eps)]
         out, convs, affines = fused_postact.postact_forward(
             _kernel_set(backend), x, weights, w_proj, norms, strides=strides, groups=groups, fold_eval=fold_eval)
-        return _outputs(out, convs, n_saved, [a.stats for a in affines])
+        fold = _folds(fold_eval, training)
+        return _outputs(out, convs, [None if fold else a.stats for a in affines])
     record: dict = {}
-    out = reference.postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars,
-                                  training, eps, strides, groups, record)
-    convs = [] if _folds(fold_eval, training) else record["convs"]
+    out = reference.postact_block(x, weights, w_proj, bn_weights, bn_biases, running_means[:len(bn_weights)],
+                                  running_vars, training, eps, strides, groups, record)
+    _reference_update(norms, record["stats"], _counts(x, strides, w_proj is not None))
+    if _folds(fold_eval, training):
+        return _outputs(out, [], [])
     stats = [SavedNorm.from_mean_var(w, b, m, v, e, t).stats
              for w, b, (m, v), e, t in zip(bn_weights, bn_biases, record["stats"], eps, training)]
-    return _outputs(out, convs, n_saved, stats)
+    return _outputs(out, record["convs"], stats)
 
 
 @postact_block_forward.register_fake
 def _(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps, strides, groups,
-      fold_eval, backend):
+      fold_eval, backend, momentum=None, update_stats=False):
+    _check_chain(weights, w_proj, bn_weights)
     n, _, h, w = x.shape
     cl = torch.channels_last
     shapes = []
@@ -89,20 +148,24 @@ def _(x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, tr
         shapes.append((wt.shape[0], h, w))
     out = torch.empty((n, *shapes[-1]), dtype=x.dtype, device=x.device, memory_format=cl)
     fold = _folds(fold_eval, training)
-    convs = [x.new_empty((0,)) if fold else
-             torch.empty((n, *shape), dtype=x.dtype, device=x.device, memory_format=cl) for shape in shapes[:-1]]
     ct = reference.stats_dtype(x.dtype)
-    return [out] + convs + [x.new_empty((5, t.shape[0]), dtype=ct) for t in bn_weights]
+    convs = [] if fold else [torch.empty((n, *shape), dtype=x.dtype, device=x.device, memory_format=cl)
+                             for shape in shapes[:-1]]
+    stats = [] if fold else [x.new_empty((5, t.shape[0]), dtype=ct) for t in bn_weights]
+    convs += [x.new_empty((0,)) for _ in range(_N_CONVS_MAX - 1 - len(convs))]
+    stats += [x.new_empty((0,), dtype=ct) for _ in range(_N_NORMS_MAX - len(stats))]
+    return tuple([out] + convs + stats)
 
 
 def _setup_context(ctx, inputs, output):
     (x, weights, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps, strides, groups,
-     fold_eval, backend) = inputs
+     fold_eval, backend, *_) = inputs
     n_convs, n_norms = len(weights), len(bn_weights)
     ctx.backend, ctx.training, ctx.eps = backend, list(training), list(eps)
     ctx.strides, ctx.groups, ctx.n_convs, ctx.n_norms = list(strides), list(groups), n_convs, n_norms
+    ctx.running_lens = (len(running_means), len(running_vars))
     ys = output[1:n_convs]
-    stats = output[n_convs:]
+    stats = output[_N_CONVS_MAX:_N_CONVS_MAX + n_norms]
     save_named(ctx, x=x, w_proj=w_proj,
                **{f"w{i}": w for i, w in enumerate(weights)},
                **{f"y{i}": y for i, y in enumerate(ys)},
@@ -111,6 +174,8 @@ def _setup_context(ctx, inputs, output):
                # flat [5 * C]: per-channel vectors, not activations
                **{f"stats{i}": stats[i].view(-1) for i in range(n_norms)})
     ctx.mark_non_differentiable(*output[1:])
+    # Only the block output carries a gradient: no zero tensors for the others.
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("resnet_fused::postact_block_backward", mutates_args=())
@@ -155,11 +220,13 @@ def _reference_grads(ctx, saved: dict, grad_out: Tensor) -> tuple:
     return dict(zip(leaf, grads))
 
 
-def _backward(ctx, grads):
+def _backward(ctx, *grads):
     _check_no_double_backward()
     saved = load_saved(ctx)
     n_convs, n_norms = ctx.n_convs, ctx.n_norms
-    if runs_fused(saved["x"], ctx.backend):
+    if grads[0] is None:  # the block output took no part in the loss
+        g = {}
+    elif runs_fused(saved["x"], ctx.backend):
         out = torch.ops.resnet_fused.postact_block_backward(
             grads[0], saved["x"], [saved[f"y{i}"] for i in range(n_convs - 1)],
             [saved[f"w{i}"] for i in range(n_convs)], saved.get("w_proj"),
@@ -173,12 +240,13 @@ def _backward(ctx, grads):
     else:
         g = _reference_grads(ctx, saved, grads[0])
     g = {k: (v.to(saved[k].dtype) if v is not None and k in saved else v) for k, v in g.items()}
-    return (g["x"], [g[f"w{i}"] for i in range(n_convs)], g.get("w_proj"),
-            [g[f"bn_weight{i}"] for i in range(n_norms)], [g[f"bn_bias{i}"] for i in range(n_norms)],
-            [None] * n_norms, [None] * n_norms, None, None, None, None, None, None)
+    return _trim(ctx, (g.get("x"), [g.get(f"w{i}") for i in range(n_convs)], g.get("w_proj"),
+                       [g.get(f"bn_weight{i}") for i in range(n_norms)], [g.get(f"bn_bias{i}") for i in range(n_norms)],
+                       [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
+                       None, None, None, None, None, None, None, None))
 
 
-postact_block_forward.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(postact_block_forward, _backward, _setup_context)
 
 
 def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> int:

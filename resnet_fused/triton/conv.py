@@ -121,13 +121,17 @@ def _bn_relu_conv_kernel(
     PROLOGUE: tl.constexpr, SHORTCUT: tl.constexpr, SC_PROLOGUE: tl.constexpr,
     EMIT_STATS: tl.constexpr, POST_BN_RELU: tl.constexpr,
     PRO_STATS: tl.constexpr, SC_STATS: tl.constexpr, POST_STATS: tl.constexpr,
+    CLOSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Weights are read in PyTorch's own layout, W[c_out, c_in / groups, kh, kw] at its strides
     (w_sn, w_sc, w_sh, w_sw: contiguous or channels_last parameters alike): B[k = tap * cin_pg + c,
     n] = W[n, c, tap], no packed copy per call. ``*_STATS``: that
-    affine comes from (weight, bias, running mean, running var, eps), eval mode's norms."""
+    affine comes from (weight, bias, running mean, running var, eps), eval mode's norms.
+    ``CLOSE``: the post-activation closing in the epilogue, relu(bn(y) + shortcut) with the
+    post affine on the conv output and, for a projection, the sc affine on the second K-loop's
+    own accumulator (its input taken raw, no prologue) instead of a prologue."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_tiles_m = tl.num_programs(0)
@@ -166,6 +170,9 @@ def _bn_relu_conv_kernel(
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_PRECISION)
 
+    acc_sc = acc
+    if CLOSE:
+        acc_sc = _zero_acc(BLOCK_M, BLOCK_N, dot_dtype)
     if SHORTCUT != 0:
         # Shortcut rows: the block input at the strided output position.
         sc_rows = ((img * H_sc + oh * SC_STRIDE) * W_sc + ow * SC_STRIDE).to(tl.int64) * C_sc
@@ -177,11 +184,30 @@ def _bn_relu_conv_kernel(
                                   sc_mean_ptr, sc_var_ptr, sc_eps, SC_PROLOGUE, SC_STATS, dot_dtype, CT)
                 b = tl.load(sc_w_ptr + cols[None, :].to(tl.int64) * scw_sn + ks[:, None] * scw_sc,
                             mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-                acc = _dot(a, b, acc, DOT_PRECISION)
+                if CLOSE:
+                    acc_sc = _dot(a, b, acc_sc, DOT_PRECISION)
+                else:
+                    acc = _dot(a, b, acc, DOT_PRECISION)
         else:
             res = tl.load(sc_ptr + sc_rows[:, None] + cols[None, :],
                           mask=row_valid[:, None] & col_valid[None, :], other=0.0)
-            acc += res.to(acc.dtype)
+            if CLOSE:
+                acc_sc = res.to(acc.dtype)
+            else:
+                acc += res.to(acc.dtype)
+
+    if CLOSE:
+        # relu(bn(y) + shortcut), each conv output rounded to the data dtype first, as eager
+        # stores it before its BatchNorm.
+        post_scale, post_shift = _channel_affine(post_scale_ptr, post_shift_ptr, post_mean_ptr, post_var_ptr,
+                                                 post_eps, cols, col_valid, CT, POST_STATS)
+        z = acc.to(out_ptr.dtype.element_ty).to(CT) * post_scale[None, :] + post_shift[None, :]
+        sc_val = acc_sc.to(out_ptr.dtype.element_ty).to(CT)
+        if SHORTCUT == 2:
+            sc_scale, sc_shift = _channel_affine(sc_scale_ptr, sc_shift_ptr, sc_mean_ptr, sc_var_ptr,
+                                                 sc_eps, cols, col_valid, CT, SC_STATS)
+            sc_val = sc_val * sc_scale[None, :] + sc_shift[None, :]
+        acc = tl.maximum(z + sc_val, 0.0, propagate_nan=tl.PropagateNan.ALL).to(acc.dtype)
 
     y = acc.to(out_ptr.dtype.element_ty)
     if EMIT_STATS:
@@ -234,13 +260,23 @@ def bn_relu_conv(
     scale_stats: Optional[tuple] = None,
     proj_stats: Optional[tuple] = None,
     post_stats: Optional[tuple] = None,
+    postact_close: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues.
 
     ``x`` and ``shortcut`` are (N, C, H, W) tensors, used in channels_last memory; ``scale`` /
     ``shift`` (fp32, per input channel) None means no prologue. Returns the channels_last output
     and, with ``emit_stats``, its statistics partials [3, n_tiles_m, C_out].
+
+    ``postact_close``: store the post-activation closing ``relu(y * post_scale + post_shift +
+    sc)``, sc the identity shortcut or, for a projection, ``conv1x1(shortcut) * proj_scale +
+    proj_shift`` (the projection's own norm; its input taken raw). Needs ``post_scale`` /
+    ``post_shift`` (or ``post_stats``) and a shortcut; ``emit_stats`` is not combined with it.
     """
+    if postact_close and (post_scale is None or shortcut is None or emit_stats or
+                          (shortcut_kind == SHORTCUT_PROJECTION and proj_scale is None)):
+        raise ValueError("postact_close needs post_scale/post_shift, a shortcut (a projection with its "
+                         "proj_scale/proj_shift) and no emit_stats")
     n, c_in, h_in, w_in = x.shape
     c_out, cin_pg, kh, kw = weight.shape
     if kh != kw or kh not in (1, 3):
@@ -282,9 +318,10 @@ def bn_relu_conv(
         float(pro_eps), float(sc_eps), float(post_eps),
         *w.stride(), sc_w.stride(0), sc_w.stride(1),
         KSIZE=kh, STRIDE=stride, SC_STRIDE=shortcut_stride,
-        PROLOGUE=scale is not None, SHORTCUT=shortcut_kind, SC_PROLOGUE=proj_scale is not None,
-        EMIT_STATS=emit_stats, POST_BN_RELU=post_scale is not None,
+        PROLOGUE=scale is not None, SHORTCUT=shortcut_kind, SC_PROLOGUE=proj_scale is not None and not postact_close,
+        EMIT_STATS=emit_stats, POST_BN_RELU=post_scale is not None and not postact_close,
         PRO_STATS=scale_stats is not None, SC_STATS=proj_stats is not None, POST_STATS=post_stats is not None,
+        CLOSE=postact_close,
         DOT_PRECISION=dot_precision(x.dtype),
         **config.meta(),
     )

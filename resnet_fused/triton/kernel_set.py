@@ -31,6 +31,9 @@ class TritonKernels:
     #: The conv kernel computes an eval-mode norm's affine from its running statistics itself
     #: (``scale_stats`` / ``proj_stats`` / ``post_stats`` keywords of ``conv``).
     affine_from_stats = True
+    #: The conv kernel stores the post-activation closing relu(bn(y) + shortcut) itself
+    #: (``postact_close`` keyword of ``conv``; a projection's norm on its own accumulator).
+    postact_close = True
 
     def stats_partials(self, x: Tensor) -> Tensor:
         cfg = configs.stats_config(x.device)
