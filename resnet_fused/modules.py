@@ -11,6 +11,14 @@ Inside a ``FusedStage`` (``stage.py``) the blocks run through ``_forward_stats``
 the statistics partials of its input from the previous block's last conv and returns those of
 its output, so it skips its own statistics pass over the input.
 
+Per call, a block looks up its plan (``_Plan``: checks done, backend, compute dtype, norm flags
+and scalars, eval folding, the op's configuration) under a key of the input's shape, strides,
+dtype and device, the autocast dtype, whether a gradient is needed, each norm's training flag,
+momentum, eps and buffers present, the backend and the partials in / out; a new key builds and
+checks once. Parameters and buffers are read on every call (``.to()`` replaces them), and the
+input/weight dtype and device check runs on every call. The op is then called through
+``ops/blocks.py``'s eager entry points (an autograd.Function around its implementation).
+
 Dtypes as eager: after ``.to(dtype)`` everything runs in that dtype (statistics still in fp32);
 under ``torch.autocast`` the block casts the input and conv weights to the autocast dtype, as
 eager's autocast does for a conv, and keeps BN parameters and buffers in fp32.

@@ -38,6 +38,16 @@ aot dispatch) and ``torch.compile(fullgraph=True)`` pass on torch 2.11 and 2.14 
 AOTAutograd functionalizes the mutation (``auto_functionalized``), which needs a fixed tuple of
 outputs rather than a List[Tensor].
 
+Eager calls from the modules take a cheaper path than the op (``bottleneck_call`` /
+``basic_block_call``): a ``torch.autograd.Function`` whose forward and backward run the ops'
+implementations directly (``_bottleneck_forward_impl``, ...), with the same saved tensors,
+non-differentiable outputs and gradients as the registered autograd; without a gradient, the
+implementation alone. The dispatcher's autograd wrapper, default filling and pytree passes cost
+far more host time than the block's own orchestration. Under torch.compile / torch.export,
+``torch.jit.trace``, a dispatch or torch-function mode, or for a tensor subclass, the call goes
+through the op (``direct_call_allowed``), so tracers, fakes and counters see it; TorchScript's
+forwards (graph_forward.py) call the ops themselves.
+
 Saved for backward, by name: the block input, y1 (, y2), parameters and per-norm statistics;
 never an activation (those are recomputed), so a block saves half the activation bytes eager
 does. The fused backward is ``fused/backward.py``; the CPU fallback re-runs the reference.
