@@ -11,6 +11,14 @@ Inside a ``FusedStage`` (``stage.py``) the blocks run through ``_forward_stats``
 the statistics partials of its input from the previous block's last conv and returns those of
 its output, so it skips its own statistics pass over the input.
 
+Per call, a block looks up its plan (``_Plan``: checks done, backend, compute dtype, norm flags
+and scalars, eval folding, the op's configuration) under a key of the input's shape, strides,
+dtype and device, the autocast dtype, whether a gradient is needed, each norm's training flag,
+momentum, eps and buffers present, the backend and the partials in / out; a new key builds and
+checks once. Parameters and buffers are read on every call (``.to()`` replaces them), and the
+input/weight dtype and device check runs on every call. The op is then called through
+``ops/blocks.py``'s eager entry points (an autograd.Function around its implementation).
+
 Dtypes as eager: after ``.to(dtype)`` everything runs in that dtype (statistics still in fp32);
 under ``torch.autocast`` the block casts the input and conv weights to the autocast dtype, as
 eager's autocast does for a conv, and keeps BN parameters and buffers in fp32.
@@ -38,6 +46,38 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+#: Plans kept per block; past this many distinct call signatures the cache starts over.
+_MAX_PLANS = 32
+
+
+class _Plan:
+    """What a block call does, fixed by its key (``_FusedBlock._plan_key``):
+
+    the input's shape, strides, dtype and device; the autocast dtype on that device; whether a
+    gradient is needed (grad mode on and the input or a parameter requiring grad); per norm:
+    training, running statistics absent, counter absent, momentum, eps; the block's ``backend``;
+    whether partials of the input are given and whether the output's are emitted.
+
+    ``backend``: the fused backend, or None (the reference runs); ``cast``: the autocast dtype
+    the input and conv weights are cast to, or None; ``kw``: the op's non-tensor arguments
+    (norm flags and scalars, configuration, eval folding); ``needs_grad``; ``nchw_out``: an
+    NCHW-contiguous input, whose output is made NCHW too; ``missing``: norms without running
+    statistics (placeholders made per call). The tensors (parameters, buffers) are read on
+    every call, never cached: ``.to()`` and ``load_state_dict`` replace or refill them.
+    """
+
+    __slots__ = ("backend", "cast", "kw", "needs_grad", "nchw_out", "missing")
+
+    def __init__(self, backend, cast, kw, needs_grad, nchw_out, missing):
+        self.backend, self.cast, self.kw = backend, cast, kw
+        self.needs_grad, self.nchw_out, self.missing = needs_grad, nchw_out, missing
+
+
+def reference_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The reference block's forward of ``block`` (the eager oracle, same parameters)."""
+    return super(_FusedBlock, block).forward(x)
 
 
 class _FusedBlock:
@@ -113,6 +153,128 @@ class _FusedBlock:
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
+    # -- the per-call plan ------------------------------------------------------------------
+
+    def _grad_tensors(self) -> list[Tensor]:
+        """Every tensor a gradient can flow to besides the input: the block's parameters."""
+        norms = self._norms()
+        out = self._conv_weights() + [n.weight for n in norms] + [n.bias for n in norms]
+        if self.downsample is not None:
+            out.append(self.downsample.conv.weight)
+        return out
+
+    def _plan_key(self, x: Tensor, in_stats: Optional[Tensor], emit_stats: bool) -> tuple:
+        """What a call's plan depends on (see :class:`_Plan`)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._grad_tensors()))
+        return (x.shape, x.stride(), x.dtype, x.device, _autocast_dtype(x.device.type), grad,
+                tuple((n.training, n.running_mean is None, n.num_batches_tracked is None, n.momentum, n.eps)
+                      for n in self._norms()),
+                self.backend, in_stats is None, emit_stats)
+
+    def _plan(self, x: Tensor, in_stats: Optional[Tensor], emit_stats: bool) -> "_Plan":
+        """The cached plan of a call on ``x`` (built, and its checks run, on a new key)."""
+        if not isinstance(x, Tensor):
+            self._check_input(x)  # raises, saying what is accepted
+        key = self._plan_key(x, in_stats, emit_stats)
+        plans = self.__dict__.get("_plans")
+        if plans is None:
+            plans = self.__dict__["_plans"] = {}
+        plan = plans.get(key)
+        if plan is None:
+            plan = self._build_plan(x, key)
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plans[key] = plan
+        return plan
+
+    def _build_plan(self, x: Tensor, key: tuple) -> "_Plan":
+        """Everything about a call that only depends on ``key``: input checks, backend,
+        compute dtype, norm flags and scalars, eval folding, the op's configuration."""
+        self._check_input(x)
+        backend = self._fused_backend(x)
+        if backend is None:
+            return _Plan(None, None, {}, False, False, ())
+        cast = _autocast_dtype(x.device.type) if x.is_floating_point() else None
+        norms = self._norms()
+        training = [bool(n.training or n.running_mean is None) for n in norms]
+        upd = self._update_args()
+        self._check_counts(training, self._counts(x.shape), x.shape)
+        needs_grad = key[5]
+        fold = not any(training) and not needs_grad
+        kw = dict(training=training, eps=[float(n.eps) for n in norms], **self._op_config(), fold_eval=fold,
+                  backend=backend, **upd, emit_stats=key[-1])
+        missing = tuple(i for i, n in enumerate(norms) if n.running_mean is None or n.running_var is None
+                        or (upd["update_stats"] and n.num_batches_tracked is None))
+        nchw = x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        return _Plan(backend, cast, kw, needs_grad, nchw, missing)
+
+    def _running_args(self, x: Tensor, plan: "_Plan") -> tuple[list[Tensor], list[Tensor]]:
+        """running_means (with the counters after them when the op updates) and running_vars,
+        as :meth:`_norm_args` gives them."""
+        norms = self._norms()
+        if plan.missing:
+            args = self._norm_args(x, plan.kw["update_stats"])
+            return args["running_means"], args["running_vars"]
+        means = [n.running_mean for n in norms]
+        if plan.kw["update_stats"]:
+            means += [n.num_batches_tracked for n in norms]
+        return means, [n.running_var for n in norms]
+
+    def _cast(self, x: Tensor, plan: "_Plan") -> tuple[Tensor, list[Tensor], Optional[Tensor]]:
+        """Input and conv weights in the plan's compute dtype; the per-call dtype/device check."""
+        weights = self._conv_weights()
+        w_proj = self.downsample.conv.weight if self.downsample is not None else None
+        cast = plan.cast
+        if cast is not None:
+            x = x.to(cast)
+            weights = [w.to(cast) for w in weights]
+            w_proj = w_proj.to(cast) if w_proj is not None else None
+        w0 = weights[0]
+        if w0.dtype != x.dtype:
+            raise TypeError(
+                f"{type(self).__name__}: input dtype {x.dtype} and weight dtype {w0.dtype} "
+                "differ; convert the module with .to(dtype), or run it under torch.autocast")
+        if w0.device != x.device:
+            raise RuntimeError(
+                f"{type(self).__name__}: input on {x.device} but parameters on {w0.device}; "
+                "move the module or the input so they share a device")
+        return x, weights, w_proj
+
+    def _eager_call(self, x: Tensor) -> Tensor:
+        """The module forward outside TorchScript and FX."""
+        plan = self._plan(x, None, False)
+        if plan.backend is None:
+            return reference_forward(self, x)
+        out, _ = self._run(x, plan, None)
+        return out.contiguous() if plan.nchw_out else out
+
+    def _forward_stats(self, x: Tensor, in_stats: Optional[Tensor] = None, emit_stats: bool = False
+                       ) -> tuple[Tensor, Optional[Tensor]]:
+        """(channels_last output, statistics partials of the output or None) through the fused op;
+        ``in_stats``: partials of ``x`` (from the previous block), replacing the block's own pass."""
+        plan = self._plan(x, in_stats, emit_stats)
+        if plan.backend is None:
+            raise RuntimeError(f"{type(self).__name__}: _forward_stats needs a fused backend for this input")
+        return self._run(x, plan, in_stats)
+
+    def _run(self, x: Tensor, plan: "_Plan", in_stats: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        xc, weights, w_proj = self._cast(x, plan)
+        means, vars_ = self._running_args(xc, plan)
+        norms = self._norms()
+        kw = dict(plan.kw, running_means=means, running_vars=vars_, in_stats=in_stats)
+        outs = self._call_op(xc, weights, w_proj, [n.weight for n in norms], [n.bias for n in norms], kw,
+                             plan.needs_grad)
+        return outs[0], (outs[-1] if kw["emit_stats"] else None)
+
+    def _op_config(self) -> dict:
+        raise NotImplementedError
+
+    def _counts(self, shape) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _call_op(self, x, weights, w_proj, bn_weights, bn_biases, kw, needs_grad) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
     def _check_counts(self, training: Sequence[bool], counts: Sequence[int], shape) -> None:
         """Batch statistics need more than one value per channel (PyTorch's own rule and message)."""
         for trains, count in zip(training, counts):
@@ -172,31 +334,20 @@ class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):
     def _eager_forward(self, x: Tensor) -> Tensor:
         if graph_forward.is_fx_proxy(x):
             return graph_forward.fx_leaf_call(self, x)
-        self._check_input(x)
-        if self._fused_backend(x) is None:
-            return super().forward(x)
-        out, _ = self._forward_stats(x)
-        return self._output_format(x, out)
+        return self._eager_call(x)
 
-    def _forward_stats(self, x: Tensor, in_stats: Optional[Tensor] = None, emit_stats: bool = False
-                       ) -> tuple[Tensor, Optional[Tensor]]:
-        """(channels_last output, statistics partials of the output or None) through the fused op;
-        ``in_stats``: partials of ``x`` (from the previous block), replacing the block's own pass."""
-        backend = self._fused_backend(x)
-        xc, (w1, w2, w3), w_proj = self._prepare(x)
-        upd = self._update_args()
-        norm_args = self._norm_args(xc, upd["update_stats"])
-        n, _, h, w = x.shape
+    def _op_config(self) -> dict:
+        return dict(stride=self.stride, groups=self.groups, shortcut=self.shortcut, stride_on=self.stride_on)
+
+    def _counts(self, shape) -> tuple[int, ...]:
+        n, _, h, w = shape
         s1 = self.stride if self.stride_on == "1x1" else 1
         h2, w2_ = -(-h // self.stride), -(-w // self.stride)
-        counts = (n * h * w, n * -(-h // s1) * -(-w // s1), n * h2 * w2_)
-        self._check_counts(norm_args["training"], counts, x.shape)
-        outs = block_ops.bottleneck_forward(
-            xc, w1, w2, w3, w_proj, **norm_args, stride=self.stride, groups=self.groups,
-            shortcut=self.shortcut, stride_on=self.stride_on,
-            fold_eval=self._fold_eval(xc, norm_args["training"]), backend=backend, **upd,
-            in_stats=in_stats, emit_stats=emit_stats)
-        return outs[0], (outs[-1] if emit_stats else None)
+        return (n * h * w, n * -(-h // s1) * -(-w // s1), n * h2 * w2_)
+
+    def _call_op(self, x, weights, w_proj, bn_weights, bn_biases, kw, needs_grad):
+        w1, w2, w3 = weights
+        return block_ops.bottleneck_call(x, w1, w2, w3, w_proj, bn_weights, bn_biases, kw, needs_grad)
 
 
 class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
@@ -240,24 +391,15 @@ class FusedBasicBlock(_FusedBlock, reference.PreActBasicBlock):
     def _eager_forward(self, x: Tensor) -> Tensor:
         if graph_forward.is_fx_proxy(x):
             return graph_forward.fx_leaf_call(self, x)
-        self._check_input(x)
-        if self._fused_backend(x) is None:
-            return super().forward(x)
-        out, _ = self._forward_stats(x)
-        return self._output_format(x, out)
+        return self._eager_call(x)
 
-    def _forward_stats(self, x: Tensor, in_stats: Optional[Tensor] = None, emit_stats: bool = False
-                       ) -> tuple[Tensor, Optional[Tensor]]:
-        """As ``FusedBottleneck._forward_stats``."""
-        backend = self._fused_backend(x)
-        xc, (w1, w2), w_proj = self._prepare(x)
-        upd = self._update_args()
-        norm_args = self._norm_args(xc, upd["update_stats"])
-        n, _, h, w = x.shape
-        counts = (n * h * w, n * -(-h // self.stride) * -(-w // self.stride))
-        self._check_counts(norm_args["training"], counts, x.shape)
-        outs = block_ops.basic_block_forward(
-            xc, w1, w2, w_proj, **norm_args, stride=self.stride, groups=self.groups,
-            shortcut=self.shortcut, fold_eval=self._fold_eval(xc, norm_args["training"]),
-            backend=backend, **upd, in_stats=in_stats, emit_stats=emit_stats)
-        return outs[0], (outs[-1] if emit_stats else None)
+    def _op_config(self) -> dict:
+        return dict(stride=self.stride, groups=self.groups, shortcut=self.shortcut)
+
+    def _counts(self, shape) -> tuple[int, ...]:
+        n, _, h, w = shape
+        return (n * h * w, n * -(-h // self.stride) * -(-w // self.stride))
+
+    def _call_op(self, x, weights, w_proj, bn_weights, bn_biases, kw, needs_grad):
+        w1, w2 = weights
+        return block_ops.basic_block_call(x, w1, w2, w_proj, bn_weights, bn_biases, kw, needs_grad)

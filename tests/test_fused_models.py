@@ -10,6 +10,7 @@ import torch
 import resnet_fused as rf
 from helpers import DEVICE, randomize_bn, requires_cuda, requires_triton
 from resnet_fused.configs import ModelConfig
+from resnet_fused.ops import blocks as block_ops
 from resnet_fused.triton.configs import BackwardConfig, StatsConfig, forced_configs
 from resnet_fused.triton.conv import ConvConfig
 from resnet_fused.triton.launch import launch_counts, reset_launch_counts
@@ -83,21 +84,30 @@ def test_backward_ops_opcheck(kind, gen):
     name = "bottleneck_backward" if kind == "bottleneck" else "basic_block_backward"
     packet = getattr(torch.ops.resnet_fused, name)
     real = packet.default
+    impl_name = f"_{name}_impl"
+    impl = getattr(block_ops, impl_name)
     calls = []
     with forced_configs(**TILES):
         out = block(x.requires_grad_())
 
         class Recorder:
+            def __init__(self, target):
+                self.target = target
+
             def __call__(self, *args, **kwargs):
                 calls.append((args, kwargs))
-                return real(*args, **kwargs)
+                return self.target(*args, **kwargs)
 
-        # Record the arguments the autograd formula passes to the backward op.
+        # Record the arguments the backward passes to the backward op: the op's registered
+        # autograd calls the op, the eager block's autograd.Function its implementation
+        # directly (same arguments).
         try:
-            setattr(torch.ops.resnet_fused, name, Recorder())
+            setattr(torch.ops.resnet_fused, name, Recorder(real))
+            setattr(block_ops, impl_name, Recorder(impl))
             out.sum().backward()
         finally:
             setattr(torch.ops.resnet_fused, name, packet)
+            setattr(block_ops, impl_name, impl)
         assert calls, "the backward op did not run"
         args, kwargs = calls[0]
         torch.library.opcheck(real, args, kwargs,

@@ -38,6 +38,16 @@ aot dispatch) and ``torch.compile(fullgraph=True)`` pass on torch 2.11 and 2.14 
 AOTAutograd functionalizes the mutation (``auto_functionalized``), which needs a fixed tuple of
 outputs rather than a List[Tensor].
 
+Eager calls from the modules take a cheaper path than the op (``bottleneck_call`` /
+``basic_block_call``): a ``torch.autograd.Function`` whose forward and backward run the ops'
+implementations directly (``_bottleneck_forward_impl``, ...), with the same saved tensors,
+non-differentiable outputs and gradients as the registered autograd; without a gradient, the
+implementation alone. The dispatcher's autograd wrapper, default filling and pytree passes cost
+far more host time than the block's own orchestration. Under torch.compile / torch.export,
+``torch.jit.trace``, a dispatch or torch-function mode, or for a tensor subclass, the call goes
+through the op (``direct_call_allowed``), so tracers, fakes and counters see it; TorchScript's
+forwards (graph_forward.py) call the ops themselves.
+
 Saved for backward, by name: the block input, y1 (, y2), parameters and per-norm statistics;
 never an activation (those are recomputed), so a block saves half the activation bytes eager
 does. The fused backward is ``fused/backward.py``; the CPU fallback re-runs the reference.
@@ -57,7 +67,8 @@ from ..kernel_set import KernelSet
 from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
 
-__all__ = ["bottleneck_forward", "basic_block_forward", "runs_fused", "runs_triton"]
+__all__ = ["basic_block_call", "basic_block_forward", "bottleneck_call", "bottleneck_forward", "direct_call_allowed",
+           "runs_fused", "runs_triton"]
 
 _OP_BACKENDS = ("reference", "triton", "cuda")
 
@@ -325,8 +336,7 @@ _MUTATES = ("running_means", "running_vars")
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("resnet_fused::bottleneck_forward", mutates_args=_MUTATES)
-def bottleneck_forward(
+def _bottleneck_forward_impl(
     x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor],
     running_means: List[Tensor], running_vars: List[Tensor],
@@ -356,6 +366,10 @@ def bottleneck_forward(
                     _reference_partials(out) if emit_stats else None)
 
 
+bottleneck_forward = torch.library.custom_op("resnet_fused::bottleneck_forward",
+                                           mutates_args=_MUTATES)(_bottleneck_forward_impl)
+
+
 @bottleneck_forward.register_fake
 def _(x, w1, w2, w3, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
       stride, groups, shortcut, stride_on, fold_eval, backend, momentum=None, update_stats=False,
@@ -378,8 +392,7 @@ def _bottleneck_setup_context(ctx, inputs, output):
                    backend)
 
 
-@torch.library.custom_op("resnet_fused::bottleneck_backward", mutates_args=())
-def bottleneck_backward(
+def _bottleneck_backward_impl(
     grad_out: Tensor, x: Tensor, y1: Tensor, y2: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
     w_proj: Optional[Tensor], bn_weights: List[Tensor], bn_biases: List[Tensor],
     stats: List[Tensor], training: List[bool], eps: List[float],
@@ -393,20 +406,26 @@ def bottleneck_backward(
     return _grad_list(g, ("x", "w1", "w2", "w3", "w_proj"), 3, x, (w1, w2, w3, w_proj))
 
 
+bottleneck_backward = torch.library.custom_op("resnet_fused::bottleneck_backward",
+                                            mutates_args=())(_bottleneck_backward_impl)
+
+
 @bottleneck_backward.register_fake
 def _(grad_out, x, y1, y2, w1, w2, w3, w_proj, bn_weights, bn_biases, stats, training, eps,
       stride, groups, shortcut, stride_on, backend):
     return _fake_grads((x, w1, w2, w3, w_proj), bn_weights, bn_biases)
 
 
-def _bottleneck_backward(ctx, *grads):
-    _check_no_double_backward()
+def _bottleneck_grads(ctx, grad: Optional[Tensor], direct: bool) -> dict:
+    """The bottleneck's gradients by name; ``direct`` calls the backward's implementation
+    rather than its op (the eager autograd.Function's path, see :func:`bottleneck_call`)."""
     saved = load_saved(ctx)
-    if grads[0] is None:  # the block output took no part in the loss
+    if grad is None:  # the block output took no part in the loss
         g = {}
     elif runs_fused(saved["x"], ctx.backend):
-        out = torch.ops.resnet_fused.bottleneck_backward(
-            grads[0], saved["x"], saved["y1"], saved["y2"], saved["w1"], saved["w2"], saved["w3"],
+        backward = _bottleneck_backward_impl if direct else torch.ops.resnet_fused.bottleneck_backward
+        out = backward(
+            grad, saved["x"], saved["y1"], saved["y2"], saved["w1"], saved["w2"], saved["w3"],
             saved.get("w_proj"), *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config,
             backend=ctx.backend)
         g = _grad_dict(out, ("x", "w1", "w2", "w3", "w_proj"), 3)
@@ -415,8 +434,13 @@ def _bottleneck_backward(ctx, *grads):
             return reference.preact_bottleneck(t["x"], bn[0], t["w1"], bn[1], t["w2"], bn[2], t["w3"],
                                                t.get("w_proj"), modes=modes, **ctx.config)
 
-        g = _reference_grads(ctx, saved, run, ("w1", "w2", "w3", "w_proj"), grads[0])
-    g = _as_param_dtype(g, saved)
+        g = _reference_grads(ctx, saved, run, ("w1", "w2", "w3", "w_proj"), grad)
+    return _as_param_dtype(g, saved)
+
+
+def _bottleneck_backward(ctx, *grads):
+    _check_no_double_backward()
+    g = _bottleneck_grads(ctx, grads[0], direct=False)
     return _trim(ctx, (g.get("x"), g.get("w1"), g.get("w2"), g.get("w3"), g.get("w_proj"),
                        [g.get(f"bn_weight{i}") for i in range(3)], [g.get(f"bn_bias{i}") for i in range(3)],
                        [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
@@ -436,8 +460,7 @@ _register_autograd(bottleneck_forward, _bottleneck_backward, _bottleneck_setup)
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("resnet_fused::basic_block_forward", mutates_args=_MUTATES)
-def basic_block_forward(
+def _basic_block_forward_impl(
     x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor],
     running_means: List[Tensor], running_vars: List[Tensor],
@@ -466,6 +489,10 @@ def basic_block_forward(
                     _reference_partials(out) if emit_stats else None)
 
 
+basic_block_forward = torch.library.custom_op("resnet_fused::basic_block_forward",
+                                            mutates_args=_MUTATES)(_basic_block_forward_impl)
+
+
 @basic_block_forward.register_fake
 def _(x, w1, w2, w_proj, bn_weights, bn_biases, running_means, running_vars, training, eps,
       stride, groups, shortcut, fold_eval, backend, momentum=None, update_stats=False, in_stats=None,
@@ -485,8 +512,7 @@ def _basic_setup_context(ctx, inputs, output):
                    output, 1, dict(stride=stride, groups=groups, shortcut=shortcut), backend)
 
 
-@torch.library.custom_op("resnet_fused::basic_block_backward", mutates_args=())
-def basic_block_backward(
+def _basic_block_backward_impl(
     grad_out: Tensor, x: Tensor, y1: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor], stats: List[Tensor],
     training: List[bool], eps: List[float], stride: int, groups: int, shortcut: str, backend: str,
@@ -499,20 +525,25 @@ def basic_block_backward(
     return _grad_list(g, ("x", "w1", "w2", "w_proj"), 2, x, (w1, w2, w_proj))
 
 
+basic_block_backward = torch.library.custom_op("resnet_fused::basic_block_backward",
+                                             mutates_args=())(_basic_block_backward_impl)
+
+
 @basic_block_backward.register_fake
 def _(grad_out, x, y1, w1, w2, w_proj, bn_weights, bn_biases, stats, training, eps,
       stride, groups, shortcut, backend):
     return _fake_grads((x, w1, w2, w_proj), bn_weights, bn_biases)
 
 
-def _basic_backward(ctx, *grads):
-    _check_no_double_backward()
+def _basic_grads(ctx, grad: Optional[Tensor], direct: bool) -> dict:
+    """As :func:`_bottleneck_grads`, for the basic block."""
     saved = load_saved(ctx)
-    if grads[0] is None:  # the block output took no part in the loss
+    if grad is None:  # the block output took no part in the loss
         g = {}
     elif runs_fused(saved["x"], ctx.backend):
-        out = torch.ops.resnet_fused.basic_block_backward(
-            grads[0], saved["x"], saved["y1"], saved["w1"], saved["w2"], saved.get("w_proj"),
+        backward = _basic_block_backward_impl if direct else torch.ops.resnet_fused.basic_block_backward
+        out = backward(
+            grad, saved["x"], saved["y1"], saved["w1"], saved["w2"], saved.get("w_proj"),
             *_saved_lists(ctx, saved), ctx.training, ctx.eps, **ctx.config, backend=ctx.backend)
         g = _grad_dict(out, ("x", "w1", "w2", "w_proj"), 2)
     else:
@@ -520,8 +551,13 @@ def _basic_backward(ctx, *grads):
             return reference.preact_basic_block(t["x"], bn[0], t["w1"], bn[1], t["w2"], t.get("w_proj"),
                                                 modes=modes, **ctx.config)
 
-        g = _reference_grads(ctx, saved, run, ("w1", "w2", "w_proj"), grads[0])
-    g = _as_param_dtype(g, saved)
+        g = _reference_grads(ctx, saved, run, ("w1", "w2", "w_proj"), grad)
+    return _as_param_dtype(g, saved)
+
+
+def _basic_backward(ctx, *grads):
+    _check_no_double_backward()
+    g = _basic_grads(ctx, grads[0], direct=False)
     return _trim(ctx, (g.get("x"), g.get("w1"), g.get("w2"), g.get("w_proj"),
                        [g.get(f"bn_weight{i}") for i in range(2)], [g.get(f"bn_bias{i}") for i in range(2)],
                        [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
@@ -529,6 +565,104 @@ def _basic_backward(ctx, *grads):
 
 
 _register_autograd(basic_block_forward, _basic_backward, _basic_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The eager entry points: the cheapest dispatch for a call from a module
+# ---------------------------------------------------------------------------------------
+
+
+def direct_call_allowed(x: Tensor) -> bool:
+    """Whether a block call on ``x`` may bypass the op dispatcher (checked per call, cheap).
+
+    Only for a plain CPU or CUDA tensor, outside torch.compile / torch.export (dynamo traces
+    the op, with its fake, never the kernels), outside ``torch.jit.trace`` (which records the
+    op), and with no torch-function or dispatch mode active (fake tensors, FLOP / MAC counters,
+    functionalization see the op, as before). Everywhere else the call goes through the op.
+    """
+    return (type(x) is Tensor and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and x.device.type in ("cpu", "cuda"))
+
+
+def _bump_versions(kw: dict) -> None:
+    """The op bumps the version counters of the tensors it mutates; the direct call does too."""
+    if kw["update_stats"]:
+        torch.autograd.graph.increment_version([t for t in (*kw["running_means"], *kw["running_vars"]) if t.numel()])
+
+
+class _BottleneckFunction(torch.autograd.Function):
+    """The bottleneck op's forward and backward without the dispatcher's autograd wrapper: the
+    same implementation, saved tensors, non-differentiable outputs and gradients as the op's
+    registered autograd (``_setup_context`` / ``_bottleneck_grads``)."""
+
+    @staticmethod
+    def forward(ctx, kw: dict, x, w1, w2, w3, w_proj, *bn):
+        bn_weights, bn_biases = list(bn[:3]), list(bn[3:])
+        out = _bottleneck_forward_impl(x, w1, w2, w3, w_proj, bn_weights, bn_biases, **kw)
+        _bump_versions(kw)
+        _setup_context(ctx, x, dict(w1=w1, w2=w2, w3=w3, w_proj=w_proj), bn_weights, bn_biases, kw["training"],
+                       kw["eps"], out, 2, dict(stride=kw["stride"], groups=kw["groups"], shortcut=kw["shortcut"],
+                                               stride_on=kw["stride_on"]), kw["backend"])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _check_no_double_backward()
+        g = _bottleneck_grads(ctx, grads[0], direct=True)
+        return (None, g.get("x"), g.get("w1"), g.get("w2"), g.get("w3"), g.get("w_proj"),
+                *(g.get(f"bn_weight{i}") for i in range(3)), *(g.get(f"bn_bias{i}") for i in range(3)))
+
+
+class _BasicFunction(torch.autograd.Function):
+    """As :class:`_BottleneckFunction`, for the basic block."""
+
+    @staticmethod
+    def forward(ctx, kw: dict, x, w1, w2, w_proj, *bn):
+        bn_weights, bn_biases = list(bn[:2]), list(bn[2:])
+        out = _basic_block_forward_impl(x, w1, w2, w_proj, bn_weights, bn_biases, **kw)
+        _bump_versions(kw)
+        _setup_context(ctx, x, dict(w1=w1, w2=w2, w_proj=w_proj), bn_weights, bn_biases, kw["training"], kw["eps"],
+                       out, 1, dict(stride=kw["stride"], groups=kw["groups"], shortcut=kw["shortcut"]), kw["backend"])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _check_no_double_backward()
+        g = _basic_grads(ctx, grads[0], direct=True)
+        return (None, g.get("x"), g.get("w1"), g.get("w2"), g.get("w_proj"),
+                *(g.get(f"bn_weight{i}") for i in range(2)), *(g.get(f"bn_bias{i}") for i in range(2)))
+
+
+def bottleneck_call(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, w_proj: Optional[Tensor],
+                    bn_weights: List[Tensor], bn_biases: List[Tensor], kw: dict, needs_grad: bool
+                    ) -> tuple[Tensor, ...]:
+    """The bottleneck op's outputs for a module call, through the cheapest dispatch that applies.
+
+    ``kw``: the op's remaining arguments by name (running statistics, flags, configuration).
+    Where :func:`direct_call_allowed`: with ``needs_grad`` (grad mode on and an input needing a
+    gradient) an autograd.Function around the op's implementation, else the implementation
+    itself; otherwise the op (``torch.ops.resnet_fused.bottleneck_forward``).
+    """
+    if not direct_call_allowed(x):
+        return bottleneck_forward(x, w1, w2, w3, w_proj, bn_weights, bn_biases, **kw)
+    if needs_grad:
+        return _BottleneckFunction.apply(kw, x, w1, w2, w3, w_proj, *bn_weights, *bn_biases)
+    out = _bottleneck_forward_impl(x, w1, w2, w3, w_proj, bn_weights, bn_biases, **kw)
+    _bump_versions(kw)
+    return out
+
+
+def basic_block_call(x: Tensor, w1: Tensor, w2: Tensor, w_proj: Optional[Tensor], bn_weights: List[Tensor],
+                     bn_biases: List[Tensor], kw: dict, needs_grad: bool) -> tuple[Tensor, ...]:
+    """As :func:`bottleneck_call`, for the basic block."""
+    if not direct_call_allowed(x):
+        return basic_block_forward(x, w1, w2, w_proj, bn_weights, bn_biases, **kw)
+    if needs_grad:
+        return _BasicFunction.apply(kw, x, w1, w2, w_proj, *bn_weights, *bn_biases)
+    out = _basic_block_forward_impl(x, w1, w2, w_proj, bn_weights, bn_biases, **kw)
+    _bump_versions(kw)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
