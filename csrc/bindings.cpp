@@ -257,6 +257,8 @@ GradPrologueTensors grad_prologue(const char* op, const at::Tensor& grad, const 
 struct FwdEvalNorms {
   OptTensor pro_mean, pro_var, proj_mean, proj_var, post_mean, post_var;
   double pro_eps = 0.0, proj_eps = 0.0, post_eps = 0.0;
+  // ConvFwdParams::postact_close: the proj_* norm is then the projection output's (C_out).
+  bool postact_close = false;
 };
 
 // mean and var of one eval-mode norm: both or neither, `channels` values each.
@@ -313,6 +315,16 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
               ": a shortcut tensor was given with shortcut_kind=0 (none); pass 1 (add) or 2 (projection)");
   TORCH_CHECK(shortcut_kind == 2 || !(proj_w || proj_scale || norms.proj_mean), op,
               ": proj_w / proj_scale / proj_shift / proj_mean are only used with shortcut_kind=2 (projection)");
+  if (norms.postact_close) {
+    TORCH_CHECK(shortcut_kind != 0, op, ": postact_close (the post-activation closing epilogue) needs a shortcut "
+                "(shortcut_kind 1, add, or 2, projection)");
+    TORCH_CHECK(post_scale.has_value() || norms.post_mean.has_value(), op,
+                ": postact_close needs the last norm: post_scale/post_shift, or post_mean/post_var");
+    TORCH_CHECK(shortcut_kind != 2 || proj_scale.has_value() || norms.proj_mean.has_value(), op,
+                ": postact_close with a projection needs the projection's norm: proj_scale/proj_shift, or "
+                "proj_mean/proj_var");
+    TORCH_CHECK(!emit_stats, op, ": postact_close stores the block output: emit_stats must be False");
+  }
   OptTensor pro_m, pro_v, proj_m, proj_v, post_m, post_v;
   eval_norm(op, "pro", norms.pro_mean, norms.pro_var, C_in, x_in, pro_m, pro_v);
   eval_norm(op, "post", norms.post_mean, norms.post_var, C_out, x_in, post_m, post_v);
@@ -337,11 +349,14 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
       TORCH_CHECK(pw->size(0) == C_out && pw->size(1) == C_sc && (pw->dim() == 2 || (pw->size(2) == 1 && pw->size(3) == 1)),
                   op, ": proj_w must be (", C_out, ", ", C_sc, ", 1, 1) for ", C_out,
                   " output channels and a shortcut of ", C_sc, " channels, got ", pw->sizes());
+      // The projection's norm: of its input (C_sc, a pre-activation prologue) or, closing a
+      // post-activation block, of its output (C_out).
+      const int64_t proj_channels = norms.postact_close ? C_out : C_sc;
       if (proj_scale) {
-        p_scale = channel_vector(op, "proj_scale", *proj_scale, C_sc, x_in);
-        p_shift = channel_vector(op, "proj_shift", *proj_shift, C_sc, x_in);
+        p_scale = channel_vector(op, "proj_scale", *proj_scale, proj_channels, x_in);
+        p_shift = channel_vector(op, "proj_shift", *proj_shift, proj_channels, x_in);
       }
-      eval_norm(op, "proj", norms.proj_mean, norms.proj_var, C_sc, x_in, proj_m, proj_v);
+      eval_norm(op, "proj", norms.proj_mean, norms.proj_var, proj_channels, x_in, proj_m, proj_v);
     }
   }
 
@@ -391,6 +406,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_impl(bool on_cuda, const at::Tensor&
   p.post_var = ptr_or_null(post_v);
   p.post_eps = norms.post_eps;
   p.algo = static_cast<int>(algo);
+  p.postact_close = norms.postact_close ? 1 : 0;
 
   run_on(op, on_cuda, x, [&](cudaStream_t st) { return conv_fwd_cuda(p, dtype, st); }, [&] {
     if (test_fault != kWmmaFaultNone) {
@@ -505,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> conv_dgrad_impl(bool on_cuda, const at::Tenso
 at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Tensor& v_in, const OptTensor& scale,
                            const OptTensor& shift, int64_t ksize, int64_t stride, int64_t groups,
                            const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
-                           const OptTensor& pro_c, int64_t splits) {
+                           const OptTensor& pro_c, int64_t splits, bool channels_last) {
   const char* op = "resnet_fused.conv_wgrad";
   const ConvDtype dtype = to_conv_dtype(op, "grad", grad_in.scalar_type());
   const at::Tensor grad = activation(op, "grad", grad_in, grad_in);
@@ -532,7 +548,9 @@ at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Te
   const int64_t M = N * H_out * W_out;
   const ConvWgradPlan plan = conv_wgrad_plan(M, splits);
   const int64_t cin_pg = C_in / groups;
-  at::Tensor dw = at::empty({C_out, cin_pg, ksize, ksize}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dw = at::empty({C_out, cin_pg, ksize, ksize},
+                            grad.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                       : at::MemoryFormat::Contiguous));
   at::Tensor workspace = at::empty({plan.splits, C_out, cin_pg, ksize * ksize},
                                    grad.options().dtype(acc_dtype_of(grad.scalar_type())));
 
@@ -546,6 +564,7 @@ at::Tensor conv_wgrad_impl(bool on_cuda, const at::Tensor& grad_in, const at::Te
   set_backward_geometry(p, v, H_out, W_out, C_out, ksize, stride, groups);
   p.rows_per_split = plan.rows_per_split;
   p.splits = plan.splits;
+  p.dw_channels_last = channels_last ? 1 : 0;
 
   run_on(op, on_cuda, grad, [&](cudaStream_t st) { return conv_wgrad_cuda(p, dtype, st); },
          [&] { conv_wgrad_host(p, dtype); });
@@ -565,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
                                                   double pro_eps, const OptTensor& proj_mean,
                                                   const OptTensor& proj_var, double proj_eps,
                                                   const OptTensor& post_mean, const OptTensor& post_var,
-                                                  double post_eps) {
+                                                  double post_eps, bool postact_close) {
   FwdEvalNorms norms;
   norms.pro_mean = pro_mean;
   norms.pro_var = pro_var;
@@ -576,6 +595,7 @@ std::tuple<at::Tensor, at::Tensor> conv_fwd_entry(const at::Tensor& x, const at:
   norms.post_mean = post_mean;
   norms.post_var = post_var;
   norms.post_eps = post_eps;
+  norms.postact_close = postact_close;
   return conv_fwd_impl(kCuda, x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride, proj_w,
                        proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo, norms);
 }
@@ -618,8 +638,9 @@ template <bool kCuda>
 at::Tensor conv_wgrad_entry(const at::Tensor& grad, const at::Tensor& v, const OptTensor& scale,
                             const OptTensor& shift, int64_t ksize, int64_t stride, int64_t groups,
                             const OptTensor& pro_y, const OptTensor& pro_a, const OptTensor& pro_b,
-                            const OptTensor& pro_c, int64_t splits) {
-  return conv_wgrad_impl(kCuda, grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c, splits);
+                            const OptTensor& pro_c, int64_t splits, bool channels_last) {
+  return conv_wgrad_impl(kCuda, grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c, splits,
+                         channels_last);
 }
 
 
@@ -975,14 +996,15 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
       "Tensor? proj_shift, bool emit_stats, Tensor? post_scale, Tensor? post_shift, int algo=0, "
       "Tensor? pro_mean=None, Tensor? pro_var=None, float pro_eps=0., Tensor? proj_mean=None, "
       "Tensor? proj_var=None, float proj_eps=0., Tensor? post_mean=None, Tensor? post_var=None, "
-      "float post_eps=0.) -> (Tensor out, Tensor partials)");
+      "float post_eps=0., bool postact_close=False) -> (Tensor out, Tensor partials)");
   m.def(
       "conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, Tensor mean, "
       "Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "
       "Tensor? second_grad, Tensor? second_w, int second_stride) -> (Tensor g_masked, Tensor sums)");
   m.def(
       "conv_wgrad_cuda(Tensor grad, Tensor v, Tensor? scale, Tensor? shift, int ksize, int stride, int groups, "
-      "Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, int splits=0) -> Tensor");
+      "Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, int splits=0, bool channels_last=False) "
+      "-> Tensor");
   // Elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.h), same tile and partial layouts.
   m.def("bn_relu_apply_cuda(Tensor x, Tensor scale, Tensor shift) -> Tensor");
   m.def(

@@ -168,7 +168,7 @@ def _register_fakes() -> None:
     def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
                             proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0,
                             pro_mean=None, pro_var=None, pro_eps=0.0, proj_mean=None, proj_var=None, proj_eps=0.0,
-                            post_mean=None, post_var=None, post_eps=0.0):
+                            post_mean=None, post_var=None, post_eps=0.0, postact_close=False):
         torch._check(x.dim() == 4 and w.dim() == 4,
                      lambda: "resnet_fused.conv_fwd: x and w must be 4-D")
         n, _, h, wd = x.shape
@@ -194,10 +194,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("resnet_fused::conv_wgrad_cuda")
     def _conv_wgrad_cuda_fake(grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c,
-                              splits=0):
+                              splits=0, channels_last=False):
         torch._check(grad.dim() == 4 and v.dim() == 4,
                      lambda: "resnet_fused.conv_wgrad: grad and v must be 4-D")
-        return grad.new_empty((grad.shape[1], v.shape[1] // groups, ksize, ksize))
+        dw = grad.new_empty((grad.shape[1], v.shape[1] // groups, ksize, ksize))
+        return dw.contiguous(memory_format=torch.channels_last) if channels_last else dw
 
     @torch.library.register_fake("resnet_fused::bn_relu_apply_cuda")
     def _bn_relu_apply_cuda_fake(x, scale, shift):

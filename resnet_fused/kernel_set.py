@@ -144,10 +144,12 @@ class KernelSet(Protocol):
     #: bias in the matching scale/shift slots).
     affine_from_stats: bool
 
-    #: Optional (absent: False): whether ``conv(..., postact_close=True)`` stores the
-    #: post-activation closing ``relu(y * post_scale + post_shift + sc)`` in its epilogue, sc the
-    #: identity shortcut or the projection's second K-loop over the raw input under its own affine
-    #: (``proj_scale`` / ``proj_shift`` / ``proj_stats``).
+    #: True: ``conv(..., postact_close=True)`` stores the post-activation closing
+    #: ``relu(y * post_scale + post_shift + sc)`` in its epilogue, sc the identity shortcut or the
+    #: projection's second K-loop over the raw input under its own affine (``proj_scale`` /
+    #: ``proj_shift`` / ``proj_stats``). Every kernel set has it (the eval forward of a
+    #: post-activation block needs it).
+    postact_close: bool
 
     def stats_tiles(self, m: int, device: torch.device) -> int:
         """P of ``stats_partials`` over m rows."""

@@ -472,14 +472,15 @@ SCHEMAS = {
                      "Tensor? proj_scale, Tensor? proj_shift, bool emit_stats, Tensor? post_scale, "
                      "Tensor? post_shift, int algo=0, Tensor? pro_mean=None, Tensor? pro_var=None, float pro_eps=0., "
                      "Tensor? proj_mean=None, Tensor? proj_var=None, float proj_eps=0., Tensor? post_mean=None, "
-                     "Tensor? post_var=None, float post_eps=0.) -> (Tensor out, Tensor partials)",
+                     "Tensor? post_var=None, float post_eps=0., bool postact_close=False) "
+                     "-> (Tensor out, Tensor partials)",
     "conv_dgrad_cuda": "resnet_fused::conv_dgrad_cuda(Tensor grad, Tensor w, Tensor v, Tensor scale, Tensor shift, "
                        "Tensor mean, Tensor invstd, int stride, int groups, Tensor? pro_y, Tensor? pro_a, "
                        "Tensor? pro_b, Tensor? pro_c, Tensor? second_grad, Tensor? second_w, int second_stride) "
                        "-> (Tensor g_masked, Tensor sums)",
     "conv_wgrad_cuda": "resnet_fused::conv_wgrad_cuda(Tensor grad, Tensor v, Tensor? scale, Tensor? shift, int ksize, "
                        "int stride, int groups, Tensor? pro_y, Tensor? pro_a, Tensor? pro_b, Tensor? pro_c, "
-                       "int splits=0) -> Tensor",
+                       "int splits=0, bool channels_last=False) -> Tensor",
     "bn_relu_apply_cuda": "resnet_fused::bn_relu_apply_cuda(Tensor x, Tensor scale, Tensor shift) -> Tensor",
     "relu_grad_sums_cuda": "resnet_fused::relu_grad_sums_cuda(Tensor grad, Tensor? extra, Tensor v, Tensor scale, "
                            "Tensor shift, Tensor mean, Tensor invstd) -> (Tensor g_masked, Tensor sums)",

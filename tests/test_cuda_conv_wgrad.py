@@ -40,6 +40,26 @@ def test_wgrad_matches_eager(kernels, case, dtype, gen):
     assert dw.is_contiguous()
     _assert_close(dw, _wgrad_reference(case, v, g, pro, scale, shift), TOL[dtype], "weight gradient")
 
+@pytest.mark.parametrize("case", [c for c in WGRAD_CASES if c.ksize == 3], ids=lambda c: c.name)
+def test_wgrad_channels_last_is_the_same_gradient(kernels, case, gen):
+    """``channels_last=True`` stores dW in a channels_last weight's layout: the same values (bitwise:
+    only the store's address changes), strides of ``torch.channels_last``, no copy op."""
+    v, _, g, pro = _grad_inputs(case, torch.float32, gen)
+    scale, shift = _affine(gen, case.c_in, torch.float32, 0.3)
+    prologue = kernels.GradPrologue(*pro) if pro is not None else None
+    args = dict(ksize=case.ksize, stride=case.stride, groups=case.groups, prologue=prologue, splits=case.splits)
+    plain = kernels.conv_wgrad(g, v, scale, shift, **args)
+    cl = kernels.conv_wgrad(g, v, scale, shift, channels_last=True, **args)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert torch.equal(cl, plain)
+    raw = kernels.plain_conv_wgrad(g, v, ksize=case.ksize, stride=case.stride, prologue=prologue,
+                                   channels_last=True) if case.groups == 1 else None
+    if raw is not None:
+        assert raw.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(raw, kernels.plain_conv_wgrad(g, v, ksize=case.ksize, stride=case.stride,
+                                                         prologue=prologue))
+
+
 def test_wgrad_splits_are_deterministic_and_agree(kernels, gen):
     case = next(c for c in WGRAD_CASES if c.name == "big_tiles_3_splits")
     v, _, g, pro = _grad_inputs(case, torch.float32, gen)

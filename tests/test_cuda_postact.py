@@ -196,3 +196,88 @@ def test_bad_input_raises_clear_error(ops, gen):
                                       None, None)
     with pytest.raises(RuntimeError, match="pass both scale and shift"):
         ops.conv_wgrad_cuda(y, y, n["scale"], None, 1, 1, 1, None, None, None, None, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The closing conv of the eval forward: relu(bn(conv(h)) + shortcut) in the conv's epilogue
+# ---------------------------------------------------------------------------------------
+
+
+def _eval_norm(gen, c, acc):
+    """(weight, bias, running_mean, running_var) of an eval-mode norm."""
+    return (_vec(gen, c, acc), (torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(acc),
+            torch.randn(c, generator=gen, dtype=torch.float64).to(acc), _vec(gen, c, acc))
+
+
+def _bn64(t, norm, eps):
+    w, b, m, v = (u.double()[None, :, None, None] for u in norm)
+    return (t - m) / torch.sqrt(v + eps) * w + b
+
+
+@pytest.mark.parametrize("from_stats", [True, False], ids=["from_running_stats", "given_affine"])
+@pytest.mark.parametrize("proj", [False, True], ids=["identity", "projection"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ksize, stride, algo", [(1, 1, None), (1, 2, None), (3, 1, "halo"), (3, 2, "per_tap"),
+                                                 (3, 2, "halo")])
+def test_closing_conv_matches_float64(kernels, ksize, stride, algo, dtype, proj, from_stats, gen):
+    """``bn_relu_conv(..., postact_close=True)``: out = relu(bn(conv(h)) + x) (identity) or
+    relu(bn(conv(h)) + bn_d(conv1x1_s(x))) (projection), the norms' affines formed in the kernel
+    from their running statistics or handed in, against float64."""
+    acc, eps = _acc(dtype), 1e-5
+    n, c_in, c_out, hw = 2, 20, 72, 9
+    h = _data(gen, (n, c_in, hw, hw), dtype)
+    w = (torch.randn(c_out, c_in, ksize, ksize, generator=gen, dtype=torch.float64) / (c_in * ksize) ** 0.5)
+    ho = (hw - 1) // stride + 1
+    last = _eval_norm(gen, c_out, acc)
+    ref = _bn64(torch.nn.functional.conv2d(h.double(), w, stride=stride, padding=ksize // 2), last, eps)
+    if proj:
+        c_sc = 24
+        x = _data(gen, (n, c_sc, hw, hw), dtype)
+        w_p = torch.randn(c_out, c_sc, 1, 1, generator=gen, dtype=torch.float64) / c_sc ** 0.5
+        pn = _eval_norm(gen, c_out, acc)
+        ref = ref + _bn64(torch.nn.functional.conv2d(x.double(), w_p, stride=stride), pn, eps)
+        sc = dict(shortcut=x, shortcut_kind=kernels.SHORTCUT_PROJECTION, shortcut_stride=stride,
+                  proj_weight=w_p.to(dtype))
+    else:
+        x = _data(gen, (n, c_out, ho, ho), dtype)
+        ref = ref + x.double()
+        sc = dict(shortcut=x, shortcut_kind=kernels.SHORTCUT_ADD, shortcut_stride=1)
+    ref = ref.clamp_min(0)
+
+    def norm_args(prefix, norm):
+        if from_stats:
+            return {f"{prefix}_scale": norm[0], f"{prefix}_shift": norm[1], f"{prefix}_stats": (norm[2], norm[3], eps)}
+        s = norm[0].double() / torch.sqrt(norm[3].double() + eps)
+        return {f"{prefix}_scale": s.to(acc), f"{prefix}_shift": (norm[1].double() - norm[2].double() * s).to(acc)}
+
+    extra = norm_args("post", last)
+    if proj:
+        extra.update(norm_args("proj", pn))
+    kernels.reset_launch_counts()
+    out, part = kernels.bn_relu_conv(h, w.to(dtype), stride=stride, postact_close=True, conv3x3_algo=algo, **sc,
+                                     **extra)
+    assert kernels.launch_counts()["conv_fwd_cuda"] == 1 and part is None
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    # bf16: the projection's scales are applied to the weights as they are loaded (rounded to bf16)
+    assert _rel_err(out, ref) <= TOL[dtype], (_rel_err(out, ref), TOL[dtype])
+    assert (out >= 0).all()
+
+
+def test_closing_conv_bad_input_raises_clear_error(kernels, ops, gen):
+    h, x = _data(gen, (2, 8, 5, 5), torch.float32), _data(gen, (2, 8, 5, 5), torch.float32)
+    w = torch.randn(8, 8, 1, 1, generator=gen, dtype=torch.float64).float()
+    one, zero = torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="postact_close .* needs a shortcut"):
+        kernels.bn_relu_conv(h, w, postact_close=True, post_scale=one, post_shift=zero)
+    with pytest.raises(RuntimeError, match="postact_close needs the last norm"):
+        kernels.bn_relu_conv(h, w, postact_close=True, shortcut=x, shortcut_kind=kernels.SHORTCUT_ADD)
+    with pytest.raises(RuntimeError, match="postact_close with a projection needs the projection's norm"):
+        kernels.bn_relu_conv(h, w, postact_close=True, shortcut=x, shortcut_kind=kernels.SHORTCUT_PROJECTION,
+                             proj_weight=w, post_scale=one, post_shift=zero)
+    with pytest.raises(RuntimeError, match="emit_stats must be False"):
+        kernels.bn_relu_conv(h, w, postact_close=True, shortcut=x, shortcut_kind=kernels.SHORTCUT_ADD,
+                             post_scale=one, post_shift=zero, emit_stats=True)
+    with pytest.raises(RuntimeError, match="proj_scale .* 8"):  # the projection output's norm: C_out values
+        kernels.bn_relu_conv(h, w, postact_close=True, shortcut=x[:, :4], shortcut_kind=kernels.SHORTCUT_PROJECTION,
+                             proj_weight=w[:, :4], proj_scale=one[:4], proj_shift=zero[:4], post_scale=one,
+                             post_shift=zero)

@@ -115,6 +115,12 @@ struct ConvFwdParams {
   const void* post_var = nullptr;
   double post_eps = 0.0;
   int algo;  // ConvFwdAlgo
+  // A post-activation block's closing conv (eval): out = relu(post(acc) + shortcut) for
+  // kShortcutAdd; for kShortcutProjection the proj_* affine is the projection OUTPUT's norm
+  // (C_out channels, no activation of the shortcut input) and both affines' scales are applied
+  // to the weights as they are loaded (B), their shifts summed in the epilogue:
+  // out = relu(sum(x * W * post_s) + sum(sc * proj_w * proj_s) + post_b + proj_b).
+  int postact_close = 0;
 };
 
 inline bool conv_fwd_uses_halo(const ConvFwdParams& p) {
@@ -166,6 +172,9 @@ struct ConvWgradParams {
   int ksize, stride, groups;
   int64_t rows_per_split;  // from conv_wgrad_plan
   int splits;
+  // dw stored channels_last ((C_out, k, k, C_in/groups) in memory) instead of contiguous: the
+  // layout of a channels_last model's 3x3 weight, so its gradient needs no copy.
+  int dw_channels_last = 0;
 };
 
 // Split-K plan of the wgrad: rows per split is a multiple of the K step; `requested` <= 0

@@ -39,6 +39,7 @@ struct FwdProblem {
     // Eval-mode BatchNorms read from their buffers (channel_affine): mean null = scale/shift given.
     const Acc *pro_mean, *pro_var, *proj_mean, *proj_var, *post_mean, *post_var;
     Acc pro_eps, proj_eps, post_eps;
+    int close;  // ConvFwdParams::postact_close
     // Derived once on the host (make_fwd_args).
     int64_t M, cin_pg, cout_pg, tiles_m;
     int tiles_n_per_group, k_chunks, main_steps, proj_steps;
@@ -144,7 +145,7 @@ struct FwdProblem {
           const int64_t ih = static_cast<int64_t>(s.row_h[r]) * a.shortcut_stride;
           const int64_t iw = static_cast<int64_t>(s.row_w[r]) * a.shortcut_stride;
           value = static_cast<Acc>(widen(a.shortcut[((img * a.H_sc + ih) * a.W_sc + iw) * a.C_sc + k]));
-          if (a.proj_scale != nullptr || a.proj_mean != nullptr) {
+          if (!a.close && (a.proj_scale != nullptr || a.proj_mean != nullptr)) {
             value = relu_keep_nan(
                 channel_affine(value, k, a.proj_scale, a.proj_shift, a.proj_mean, a.proj_var, a.proj_eps));
           }
@@ -164,13 +165,45 @@ struct FwdProblem {
       if (k < k_extent && n_local < a.cout_pg) {
         const int64_t n = blk.group * a.cout_pg + n_local;
         value = main ? a.w[(n * a.cin_pg + k) * taps + tap] : a.proj_w[n * a.C_sc + k];
+        if (a.close && a.proj_steps > 0) value = closing_weight(value, n, main, a);
       }
       bs[kk * kLdB + j] = value;
     }
   }
 
-  // Shortcut add, rounding to the storage dtype, optional post BN+ReLU, store. The C tile keeps
-  // the value as stored (widened) for the statistics phase.
+  // A closing conv with a projection (ConvFwdParams::postact_close): the weight of output channel n
+  // times its norm's scale (the main conv's post norm, or the projection's), rounded to T as the
+  // operand is stored.
+  static RF_HD T closing_weight(T w, int64_t n, bool main, const Args& a) {
+    Acc s, b;
+    if (main) {
+      channel_coeffs(n, a.post_scale, a.post_shift, a.post_mean, a.post_var, a.post_eps, s, b);
+    } else {
+      channel_coeffs(n, a.proj_scale, a.proj_shift, a.proj_mean, a.proj_var, a.proj_eps, s, b);
+    }
+    return Narrow<T>::from(static_cast<Acc>(widen(w)) * s);
+  }
+
+  // The closing epilogue's value before its ReLU: post(acc) + shortcut, or, with the scales in the
+  // weights (closing_weight), acc + both norms' shifts.
+  template <size_t R>
+  static RF_HD Acc closing_value(Acc value, int r, int64_t col, int img, const TileSmem<T, Acc, R>& s,
+                                 const Args& a) {
+    if (a.shortcut_kind == kShortcutProjection) {
+      Acc ps, pb, qs, qb;
+      channel_coeffs(col, a.post_scale, a.post_shift, a.post_mean, a.post_var, a.post_eps, ps, pb);
+      channel_coeffs(col, a.proj_scale, a.proj_shift, a.proj_mean, a.proj_var, a.proj_eps, qs, qb);
+      return value + (pb + qb);
+    }
+    const int64_t ih = static_cast<int64_t>(s.row_h[r]) * a.shortcut_stride;
+    const int64_t iw = static_cast<int64_t>(s.row_w[r]) * a.shortcut_stride;
+    return channel_affine(value, col, a.post_scale, a.post_shift, a.post_mean, a.post_var, a.post_eps) +
+           static_cast<Acc>(widen(a.shortcut[((img * a.H_sc + ih) * a.W_sc + iw) * a.C_sc + col]));
+  }
+
+  // Shortcut add, rounding to the storage dtype, optional post BN+ReLU, store (or the closing
+  // epilogue, closing_value). The C tile keeps the value as stored (widened) for the statistics
+  // phase.
   template <size_t R>
   static RF_HD void epilogue_elementwise(const Block& blk, int tid, TileSmem<T, Acc, R>& s, const Args& a) {
     Acc* c = s.c();
@@ -186,6 +219,13 @@ struct FwdProblem {
       }
       const int64_t col = blk.group * a.cout_pg + n_local;
       Acc value = c[r * kLdC + j];
+      const int64_t m = (static_cast<int64_t>(img) * a.H_out + s.row_h[r]) * a.W_out + s.row_w[r];
+      if (a.close) {
+        const T closed = Narrow<T>::from(relu_keep_nan(closing_value(value, r, col, img, s, a)));
+        c[r * kLdC + j] = static_cast<Acc>(widen(closed));
+        a.out[m * a.C_out + col] = closed;
+        continue;
+      }
       if (a.shortcut_kind == kShortcutAdd) {
         const int64_t ih = static_cast<int64_t>(s.row_h[r]) * a.shortcut_stride;
         const int64_t iw = static_cast<int64_t>(s.row_w[r]) * a.shortcut_stride;
@@ -199,7 +239,6 @@ struct FwdProblem {
         out = Narrow<T>::from(relu_keep_nan(
             channel_affine(stored_wide, col, a.post_scale, a.post_shift, a.post_mean, a.post_var, a.post_eps)));
       }
-      const int64_t m = (static_cast<int64_t>(img) * a.H_out + s.row_h[r]) * a.W_out + s.row_w[r];
       a.out[m * a.C_out + col] = out;
     }
   }
@@ -258,6 +297,7 @@ typename FwdProblem<T>::Args make_fwd_args(const ConvFwdParams& p, dim3& grid) {
   a.post_mean = static_cast<const Acc*>(p.post_mean);
   a.post_var = static_cast<const Acc*>(p.post_var);
   a.post_eps = static_cast<Acc>(p.post_eps);
+  a.close = p.postact_close;
   a.M = p.N * p.H_out * p.W_out;
   a.cin_pg = p.C_in / p.groups;
   a.cout_pg = p.C_out / p.groups;

@@ -93,7 +93,9 @@ struct HaloPhases {
       const int64_t n_local = blk.col0 + j;
       T value = Narrow<T>::from(Acc(0));
       if (k < a.cin_pg && n_local < a.cout_pg) {
-        value = a.w[((blk.group * a.cout_pg + n_local) * a.cin_pg + k) * kTaps + tap];
+        const int64_t n = blk.group * a.cout_pg + n_local;
+        value = a.w[(n * a.cin_pg + k) * kTaps + tap];
+        if (a.close && a.proj_steps > 0) value = FwdProblem<T>::closing_weight(value, n, true, a);
       }
       b[kk * kLdB + j] = value;
     }

@@ -108,14 +108,27 @@ RF_HD Acc relu_keep_nan(Acc v) {
 // is given (an eval-mode BatchNorm read straight from its buffers), with scale = weight[c] /
 // sqrt(var[c] + eps) and shift = bias[c] - mean[c] * scale (weight/bias null: 1/0), in the
 // finalize's operation order (bn_reduce.cu), so both routes give the same affine.
+// channel_coeffs gives the (scale, shift) pair itself, for a scale applied to a weight.
+template <typename Acc>
+RF_HD void channel_coeffs(int64_t c, const Acc* scale, const Acc* shift, const Acc* mean, const Acc* var, Acc eps,
+                          Acc& s, Acc& b) {
+  if (mean == nullptr) {
+    s = scale[c];
+    b = shift[c];
+    return;
+  }
+  const Acc invstd = Acc(1) / static_cast<Acc>(sqrt(var[c] + eps));
+  s = scale != nullptr ? invstd * scale[c] : invstd;
+  b = -mean[c] * s;
+  if (shift != nullptr) b += shift[c];
+}
+
 template <typename Acc>
 RF_HD Acc channel_affine(Acc v, int64_t c, const Acc* scale, const Acc* shift, const Acc* mean, const Acc* var,
                          Acc eps) {
   if (mean == nullptr) return v * scale[c] + shift[c];
-  const Acc invstd = Acc(1) / static_cast<Acc>(sqrt(var[c] + eps));
-  const Acc s = scale != nullptr ? invstd * scale[c] : invstd;
-  Acc b = -mean[c] * s;
-  if (shift != nullptr) b += shift[c];
+  Acc s, b;
+  channel_coeffs(c, scale, shift, mean, var, eps, s, b);
   return v * s + b;
 }
 

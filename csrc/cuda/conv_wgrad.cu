@@ -135,21 +135,29 @@ struct WgradProblem {
 };
 
 // dW[e] = sum over splits, in ascending order, of workspace[split][e]; e runs over the weight
-// layout (C_out, cin_pg, k, k), which is the workspace slice layout.
+// layout (C_out, cin_pg, k, k), which is the workspace slice layout. With `taps` > 0 the result is
+// stored channels_last: element (n, c, tap) at (n * taps + tap) * cin_pg + c.
 template <typename T, typename Acc>
-RF_HD void reduce_splits(const Acc* workspace, int splits, int64_t elements, int64_t e, T* dw) {
+RF_HD void reduce_splits(const Acc* workspace, int splits, int64_t elements, int64_t e, T* dw, int64_t cin_pg,
+                         int taps) {
   Acc sum = Acc(0);
   for (int split = 0; split < splits; ++split) sum += workspace[split * elements + e];
-  dw[e] = Narrow<T>::from(sum);
+  int64_t at = e;
+  if (taps > 0) {
+    const int64_t tap = e % taps, c = (e / taps) % cin_pg, n = e / (taps * cin_pg);
+    at = (n * taps + tap) * cin_pg + c;
+  }
+  dw[at] = Narrow<T>::from(sum);
 }
 
 constexpr int kReduceThreads = 256;
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kReduceThreads)
-    wgrad_reduce_kernel(const Acc* __restrict__ workspace, int splits, int64_t elements, T* __restrict__ dw) {
+    wgrad_reduce_kernel(const Acc* __restrict__ workspace, int splits, int64_t elements, T* __restrict__ dw,
+                        int64_t cin_pg, int taps) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
-  if (e < elements) reduce_splits(workspace, splits, elements, e, dw);
+  if (e < elements) reduce_splits(workspace, splits, elements, e, dw, cin_pg, taps);
 }
 
 template <typename T>
@@ -186,7 +194,8 @@ cudaError_t launch_typed(const ConvWgradParams& p, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   wgrad_reduce_kernel<T, Acc><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(
-      static_cast<const Acc*>(p.workspace), p.splits, elements, static_cast<T*>(p.dw));
+      static_cast<const Acc*>(p.workspace), p.splits, elements, static_cast<T*>(p.dw), args.cin_pg,
+      p.dw_channels_last ? p.ksize * p.ksize : 0);
   return cudaGetLastError();
 }
 
@@ -198,7 +207,8 @@ void host_typed(const ConvWgradParams& p) {
   run_blocks_host<WgradProblem<T>>(args, grid);
   const int64_t elements = p.C_out * args.cin_pg * p.ksize * p.ksize;
   for (int64_t e = 0; e < elements; ++e) {
-    reduce_splits(static_cast<const Acc*>(p.workspace), p.splits, elements, e, static_cast<T*>(p.dw));
+    reduce_splits(static_cast<const Acc*>(p.workspace), p.splits, elements, e, static_cast<T*>(p.dw), args.cin_pg,
+                  p.dw_channels_last ? p.ksize * p.ksize : 0);
   }
 }
 

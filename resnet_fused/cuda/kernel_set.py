@@ -25,6 +25,8 @@ class CudaKernels:
     name = "cuda"
     #: Eval-mode affines are formed inside the C++ conv kernels from the norm's running statistics.
     affine_from_stats = True
+    #: The closing conv of a post-activation block (eval) stores relu(bn(y) + shortcut) itself.
+    postact_close = True
 
     def stats_partials(self, x: Tensor) -> Tensor:
         return kernels.channel_stats_partials(x)
@@ -62,9 +64,7 @@ class CudaKernels:
         return kernels.conv_dgrad(grad, weight, v, scale, shift, mean, invstd, **kwargs)
 
     def conv_wgrad(self, grad, v, scale, shift, channels_last: bool = False, **kwargs):
-        # The C++ wgrad writes PyTorch's contiguous layout; the op converts a channels_last
-        # weight's gradient (ops/blocks.py: _like_weight).
-        return kernels.conv_wgrad(grad, v, scale, shift, **kwargs)
+        return kernels.conv_wgrad(grad, v, scale, shift, channels_last=channels_last, **kwargs)
 
     def relu_grad_sums(self, grad, v, scale, shift, mean, invstd, extra=None):
         return kernels.relu_grad_sums(grad, v, scale, shift, mean, invstd, extra)
@@ -87,7 +87,10 @@ class CudaKernels:
 
     def plain_conv_wgrad(self, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
                          prologue: Optional[GradPrologue]) -> Tensor:
-        return kernels.plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue)
+        # A channels_last 3x3 weight gets its gradient in its own layout (no copy in the op).
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        return kernels.plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue,
+                                        channels_last=channels_last)
 
 
 CUDA = CudaKernels()

@@ -107,6 +107,7 @@ def bn_relu_conv(
     scale_stats: Optional[tuple] = None,
     proj_stats: Optional[tuple] = None,
     post_stats: Optional[tuple] = None,
+    postact_close: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """conv(relu(x * scale + shift), weight) with the fused shortcut and epilogues (C++ kernel).
 
@@ -120,6 +121,9 @@ def bn_relu_conv(
     ``scale_stats`` / ``proj_stats`` / ``post_stats`` = (running_mean, running_var, eps): an
     eval-mode norm read from its buffers, whose weight and bias (or None) are then in the matching
     scale/shift slots; the kernel forms the affine itself (no finalize launch).
+    ``postact_close``: a post-activation block's closing conv (eval), storing
+    relu(post(acc) + shortcut); with a projection, ``proj_*`` is the projection output's norm and
+    both norms' scales are applied to the weights as the kernel loads them (csrc/cuda/conv_fused.h).
     Returns (out in channels_last, partials [3, P, C_out] or None).
     """
     ops = _ops()
@@ -137,8 +141,10 @@ def bn_relu_conv(
     args = (x, weight.to(dtype), scale, shift, stride, groups,
             _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
             _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
-    if scale_stats is not None or proj_stats is not None or post_stats is not None:
+    if scale_stats is not None or proj_stats is not None or post_stats is not None or postact_close:
         args += (pro_m, pro_v, pro_eps, proj_m, proj_v, proj_eps, post_m, post_v, post_eps)
+    if postact_close:
+        args += (True,)
     _LAUNCHES["conv_fwd_cuda"] += 1
     out, partials = ops.conv_fwd_cuda(*args)
     return out, (partials if emit_stats else None)
@@ -165,18 +171,19 @@ def conv_dgrad(
 
 def conv_wgrad(
     grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, *, ksize: int = 1, stride: int = 1, groups: int = 1,
-    prologue: Optional[GradPrologue] = None, splits: Optional[int] = None,
+    prologue: Optional[GradPrologue] = None, splits: Optional[int] = None, channels_last: bool = False,
 ) -> Tensor:
     """dW (C_out, C_in/groups, ksize, ksize) of a conv with input relu(v * scale + shift) and
-    output gradient ``grad`` (BN-backward ``prologue`` applied first), in grad's dtype. Split-K
-    over the output rows (``splits`` None: about 4096 rows a split, at most 64) with fp32 partials
-    summed in a fixed order: bitwise reproducible."""
+    output gradient ``grad`` (BN-backward ``prologue`` applied first), in grad's dtype, stored
+    channels_last with ``channels_last`` (a channels_last weight's layout). Split-K over the
+    output rows (``splits`` None: about 4096 rows a split, at most 64) with fp32 partials summed
+    in a fixed order: bitwise reproducible."""
     ops = _ops()
     dtype = grad.dtype
     y, a, b, c = _prologue(prologue, dtype)
     _LAUNCHES["conv_wgrad_cuda"] += 1
     return ops.conv_wgrad_cuda(grad, v.to(dtype), scale, shift, ksize, stride, groups, y, a, b, c,
-                               0 if splits is None else splits)
+                               0 if splits is None else splits, channels_last)
 
 
 # --- elementwise BN/ReLU passes (csrc/cuda/bn_elementwise.cu) ---------------------------------
@@ -293,7 +300,7 @@ def postact_out_backward(
 
 def plain_conv_wgrad(
     grad: Tensor, x: Tensor, *, ksize: int = 1, stride: int = 1, prologue: Optional[GradPrologue] = None,
-    stats_dtype: torch.dtype = torch.float32, splits: Optional[int] = None,
+    stats_dtype: torch.dtype = torch.float32, splits: Optional[int] = None, channels_last: bool = False,
 ) -> Tensor:
     """dW (C_out, C_in, k, k) of ``conv2d(x, W, stride, padding=k // 2)`` from its output gradient
     (BN-backward ``prologue`` applied first), no BN+ReLU on x; same contract as the Triton
@@ -304,4 +311,4 @@ def plain_conv_wgrad(
     y, a, b, c = _prologue(prologue, dtype)
     _LAUNCHES["conv_wgrad_cuda"] += 1
     return ops.conv_wgrad_cuda(grad, x.to(dtype), None, None, ksize, stride, 1, y, a, b, c,
-                               0 if splits is None else splits)
+                               0 if splits is None else splits, channels_last)

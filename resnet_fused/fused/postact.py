@@ -15,10 +15,8 @@ Eval (no norm training, nothing needing a gradient): every BN is a constant affi
 per conv. The inner norms fold into the producing conv's epilogue (it stores relu(bn(y)), so the
 next conv has no prologue), their affines computed from the running statistics inside the conv
 where the kernel set can (``affine_from_stats``). The last conv stores the closing
-relu(bn_last(y) + shortcut) in its epilogue (``postact_close``: the projection a second K-loop on
-its own accumulator under its norm's affine), no torch op touching a weight or a statistic; a
-kernel set without that epilogue gets the last norm and the projection's norm folded into the
-weights (scaled per output channel, shifts summed) with the add and the ReLU in the epilogue.
+relu(bn_last(y) + shortcut) in its epilogue (``postact_close``: the projection a second K-loop
+under its norm's affine), no torch op touching a weight or a statistic.
 
 Running statistics: a training norm with ``update`` moves its running mean and variance and
 counts the batch inside its finalize launch.
@@ -110,34 +108,15 @@ def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_pr
         post = _eval_affine(kernels, nm, h)
         h, _ = kernels.conv(h, w, stride=s, groups=g, **post.args("post_scale", "post_shift", "post_stats"))
     n_convs = len(weights)
-    last_norm = norms[n_convs - 1]
-    proj_norm = norms[n_convs] if w_proj is not None else None
-    if getattr(kernels, "postact_close", False):
-        last = _eval_affine(kernels, last_norm, h)
-        if proj_norm is None:
-            sc = dict(shortcut=x, shortcut_kind=SHORTCUT_ADD, shortcut_stride=1)
-        else:
-            proj = _eval_affine(kernels, proj_norm, x)
-            sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
-                      proj_weight=w_proj, **proj.args("proj_scale", "proj_shift", "proj_stats"))
-        out, _ = kernels.conv(h, weights[-1], stride=strides[-1], groups=groups[-1], postact_close=True, **sc,
-                              **last.args("post_scale", "post_shift", "post_stats"))
-        return out
-    # A conv without the closing epilogue: the last norm (and the projection's) fold into the
-    # weights, scaled per output channel, their shifts summed into a bias-like post shift.
-    last = _affine(kernels, None, last_norm, h)
-    ct = last.scale.dtype
-    w_last = (weights[-1].to(ct) * last.scale.view(-1, 1, 1, 1)).to(x.dtype)
-    shift = last.shift
-    if proj_norm is not None:
-        proj = _affine(kernels, None, proj_norm, x)
-        sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
-                  proj_weight=(w_proj.to(ct) * proj.scale.view(-1, 1, 1, 1)).to(x.dtype))
-        shift = shift + proj.shift
-    else:
+    last = _eval_affine(kernels, norms[n_convs - 1], h)
+    if w_proj is None:
         sc = dict(shortcut=x, shortcut_kind=SHORTCUT_ADD, shortcut_stride=1)
-    out, _ = kernels.conv(h, w_last, stride=strides[-1], groups=groups[-1], **sc,
-                          post_scale=torch.ones_like(shift), post_shift=shift)
+    else:
+        proj = _eval_affine(kernels, norms[n_convs], x)
+        sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
+                  proj_weight=w_proj, **proj.args("proj_scale", "proj_shift", "proj_stats"))
+    out, _ = kernels.conv(h, weights[-1], stride=strides[-1], groups=groups[-1], postact_close=True, **sc,
+                          **last.args("post_scale", "post_shift", "post_stats"))
     return out
 
 

@@ -121,9 +121,12 @@ SHARED_MEMORY_OVERHEAD = 1.4
 
 def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_size: int) -> int:
     """What a pipelined GEMM of ``config`` takes of shared memory, estimated: num_stages copies
-    of the A and B tiles, times :data:`SHARED_MEMORY_OVERHEAD`. A BackwardConfig's tiles are
-    its dgrad's (block_m x block_k and block_k x block_n; its wgrad stages the same sizes)."""
-    staging = config.num_stages * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+    of the A and B tiles (at least two: an unpipelined triton 3.6 GEMM still takes two, the
+    fp64 16x16x16/4/1 forward 8,192 B), times :data:`SHARED_MEMORY_OVERHEAD`. A BackwardConfig's
+    tiles are its dgrad's (block_m x block_k and block_k x block_n; its wgrad stages the same
+    sizes)."""
+    copies = max(config.num_stages, 2)
+    staging = copies * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
     return int(staging * SHARED_MEMORY_OVERHEAD)
 
 
