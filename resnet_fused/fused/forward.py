@@ -19,57 +19,22 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, KernelSet, NormInputs, stats_dtype
+from ..kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, KernelSet, NormInputs
+from .chain import act_conv, fused_3x3, norm_affine, post_args, prologue_args
 
 __all__ = ["NormInputs", "bottleneck_forward", "basic_block_forward", "last_conv_is_fused"]
 
 _SHORTCUT_CODES = {"identity": SHORTCUT_ADD, "subsample": SHORTCUT_ADD, "projection": SHORTCUT_PROJECTION}
 
 
-def _from_partials(kernels: KernelSet, part: Tensor, norm: NormInputs, of: Tensor) -> Affine:
-    """Finalize the partials of ``of`` (the norm's input; its count N*H*W is a host number)."""
-    return Affine(kernels.finalize_stats(
-        part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
-        num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update,
-        count=of.numel() // max(of.shape[1], 1)))
-
-
-def _from_running(kernels: KernelSet, norm: NormInputs, data_dtype: torch.dtype, lazy: bool) -> Affine:
-    """An eval/frozen norm: lazy (computed inside the conv) where the kernel set can and nothing
-    needs the statistics later; else one finalize launch from the running statistics."""
-    if lazy and getattr(kernels, "affine_from_stats", False):
-        return Affine(norm=norm)
-    return Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
-                                          running_var=norm.running_var, from_running=True,
-                                          dtype=stats_dtype(data_dtype)))
-
-
-def _materialized(kernels: KernelSet, affine: Affine, data_dtype: torch.dtype) -> Affine:
-    return affine if affine.stats is not None else _from_running(kernels, affine.norm, data_dtype, False)
-
-
 def _input_affine(kernels: KernelSet, x: Tensor, norm: NormInputs, in_stats: Optional[Tensor], lazy: bool) -> Affine:
-    if not norm.training:
-        return _from_running(kernels, norm, x.dtype, lazy)
-    # The statistics partials of x come from the caller (the previous block's last conv took
-    # them in its epilogue) or from a pass over x (K0).
-    return _from_partials(kernels, in_stats if in_stats is not None else kernels.stats_partials(x), norm, x)
-
-
-def _next_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, y: Tensor, lazy: bool) -> Affine:
-    """The affine of the norm reading the conv output ``y``."""
-    return _from_partials(kernels, part, norm, y) if norm.training else _from_running(kernels, norm, y.dtype, lazy)
-
-
-def _prologue(affine: Optional[Affine]) -> dict:
-    return affine.args() if affine is not None else {}
-
-
-def _post(affine: Optional[Affine]) -> dict:
-    return affine.args("post_scale", "post_shift", "post_stats") if affine is not None else {}
+    """bn1's affine. A training bn1 takes the statistics partials of x from the caller (the
+    previous block's last conv took them in its epilogue) or from a pass over x (K0)."""
+    if norm.training and in_stats is None:
+        in_stats = kernels.stats_partials(x)
+    return norm_affine(kernels, in_stats, norm, x, lazy)
 
 
 def _shortcut_args(x: Tensor, a1: Affine, kind: str, stride: int, w_proj: Optional[Tensor]) -> dict:
@@ -79,35 +44,6 @@ def _shortcut_args(x: Tensor, a1: Affine, kind: str, stride: int, w_proj: Option
     return dict(shortcut=x, shortcut_kind=_SHORTCUT_CODES[kind], shortcut_stride=stride)
 
 
-def _fused_3x3(kernels: KernelSet, x: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
-    n, _, h, w = x.shape
-    c_out, cin_pg = weight.shape[:2]
-    m = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
-    return kernels.fuse_3x3(m, c_out // groups, cin_pg * 9, x.dtype, x.device)
-
-
-def _conv3x3(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[Affine], *, stride: int,
-             groups: int, emit_stats: bool, post: Optional[Affine] = None
-             ) -> tuple[Tensor, Optional[Tensor], bool]:
-    """A 3x3 conv without shortcut: the fused kernel or the hybrid, as the kernel set says.
-
-    Returns (output, statistics partials, whether ``post`` (the next BN + ReLU, eval mode) was
-    folded into the output). The fused kernel folds it into its epilogue; the hybrid's cuDNN
-    conv has no epilogue, so the caller applies ``post`` in the next conv's prologue instead.
-    """
-    if _fused_3x3(kernels, x, weight, stride, groups):
-        out, part = kernels.conv(x, weight, **_prologue(affine), stride=stride, groups=groups,
-                                 emit_stats=emit_stats, **_post(post))
-        return out, part, post is not None
-    act = x
-    if affine is not None:
-        affine = _materialized(kernels, affine, x.dtype)
-        act = kernels.bn_relu_apply(x, affine.scale, affine.shift)
-    y = F.conv2d(act, weight.to(act.dtype), stride=stride, padding=1, groups=groups)
-    y = y.contiguous(memory_format=torch.channels_last)
-    return y, (kernels.stats_partials(y) if emit_stats else None), False
-
-
 def _last_conv3x3(kernels: KernelSet, y1: Tensor, w2: Tensor, a2: Optional[Affine], x: Tensor, a1: Affine,
                   *, kind: str, stride: int, groups: int, w_proj: Optional[Tensor], emit_stats: bool
                   ) -> tuple[Tensor, Optional[Tensor]]:
@@ -115,12 +51,13 @@ def _last_conv3x3(kernels: KernelSet, y1: Tensor, w2: Tensor, a2: Optional[Affin
     other 3x3: the fused kernel (shortcut in its accumulator, statistics in its epilogue), or
     the hybrid: BN+ReLU pass, ATen's conv, then the shortcut (a projection as the fused 1x1
     kernel adding the conv's output; an identity/subsample as an add) and a statistics pass."""
-    if _fused_3x3(kernels, y1, w2, 1, groups):
-        return kernels.conv(y1, w2, **_prologue(a2), groups=groups, emit_stats=emit_stats,
+    if fused_3x3(kernels, y1, w2, 1, groups):
+        return kernels.conv(y1, w2, **prologue_args(a2), groups=groups, emit_stats=emit_stats,
                             **_shortcut_args(x, a1, kind, stride, w_proj))
-    y, _, _ = _conv3x3(kernels, y1, w2, a2, stride=1, groups=groups, emit_stats=False)
+    y, _, _ = act_conv(kernels, y1, w2, a2, stride=1, groups=groups, emit_stats=False)
     if kind == "projection":
-        out, _ = kernels.conv(x, w_proj, **_prologue(a1), stride=stride, shortcut=y, shortcut_kind=SHORTCUT_ADD)
+        out, _ = kernels.conv(x, w_proj, **prologue_args(a1), stride=stride, shortcut=y,
+                              shortcut_kind=SHORTCUT_ADD)
     else:
         out = (y + x[:, :, ::stride, ::stride]).contiguous(memory_format=torch.channels_last)
     return out, (kernels.stats_partials(out) if emit_stats else None)
@@ -157,16 +94,16 @@ def bottleneck_forward(
     fold = fold_eval and not (bn1.training or bn2.training or bn3.training)
     a1 = _input_affine(kernels, x, bn1, in_stats, fold)
 
-    const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
-    y1, part1 = kernels.conv(x, w1, **_prologue(a1), stride=s1, emit_stats=bn2.training, **_post(const2))
-    a2 = const2 or _next_affine(kernels, part1, bn2, y1, False)
+    const2 = norm_affine(kernels, None, bn2, x, lazy=True) if fold else None
+    y1, part1 = kernels.conv(x, w1, **prologue_args(a1), stride=s1, emit_stats=bn2.training, **post_args(const2))
+    a2 = const2 or norm_affine(kernels, part1, bn2, y1)
 
-    const3 = _from_running(kernels, bn3, x.dtype, True) if fold else None
-    y2, part2, folded3 = _conv3x3(kernels, y1, w2, None if fold else a2, stride=s2, groups=groups,
+    const3 = norm_affine(kernels, None, bn3, x, lazy=True) if fold else None
+    y2, part2, folded3 = act_conv(kernels, y1, w2, None if fold else a2, stride=s2, groups=groups,
                                   emit_stats=bn3.training, post=const3)
-    a3 = const3 or _next_affine(kernels, part2, bn3, y2, False)
+    a3 = const3 or norm_affine(kernels, part2, bn3, y2)
 
-    out, part = kernels.conv(y2, w3, **_prologue(None if folded3 else a3), emit_stats=emit_stats,
+    out, part = kernels.conv(y2, w3, **prologue_args(None if folded3 else a3), emit_stats=emit_stats,
                              **_shortcut_args(x, a1, shortcut, stride, w_proj))
     stats = [None] * 3 if fold else [a1.stats, a2.stats, a3.stats]
     return out, ([] if fold else [y1, y2]), stats, part
@@ -184,10 +121,10 @@ def basic_block_forward(
     fold = fold_eval and not (bn1.training or bn2.training)
     a1 = _input_affine(kernels, x, bn1, in_stats, fold)
 
-    const2 = _from_running(kernels, bn2, x.dtype, True) if fold else None
-    y1, part1, folded2 = _conv3x3(kernels, x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
+    const2 = norm_affine(kernels, None, bn2, x, lazy=True) if fold else None
+    y1, part1, folded2 = act_conv(kernels, x, w1, a1, stride=stride, groups=groups, emit_stats=bn2.training,
                                   post=const2)
-    a2 = const2 or _next_affine(kernels, part1, bn2, y1, False)
+    a2 = const2 or norm_affine(kernels, part1, bn2, y1)
 
     out, part = _last_conv3x3(kernels, y1, w2, None if folded2 else a2, x, a1, kind=shortcut, stride=stride,
                               groups=groups, w_proj=w_proj, emit_stats=emit_stats)

@@ -34,7 +34,9 @@ activation and the output). Then, as in the pre-activation backward (``fused/bac
         activation), the projection's dgrad as a second K-loop into the same accumulator;
         wgrad over the raw x; dx += g'_last for the identity shortcut.
 
-Kernels: the kernel set's (``KernelSet``), whose post-activation methods are the closing pass
+The link between two convs, conv(relu(bn(y))) forward and backward, is ``chain.py``'s, shared
+with the pre-activation blocks; this module supplies the two ends. Kernels: the kernel set's
+(``KernelSet``), whose post-activation methods are the closing pass
 (``postact_out``), its backward (``postact_out_backward``) and the weight gradient over the raw
 input (``plain_conv_wgrad``).
 """
@@ -44,58 +46,13 @@ import functools
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernel_set import (SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, BNBackward, GradPrologue, KernelSet,
-                          NormInputs, SavedNorm, stats_dtype)
+from ..kernel_set import SHORTCUT_ADD, SHORTCUT_PROJECTION, Affine, BNBackward, KernelSet, NormInputs, SavedNorm
+from .chain import (act_conv, act_conv_backward, aten_conv_backward, coefficients, fused_3x3, grad_prologue,
+                    norm_affine)
 
 __all__ = ["postact_forward", "postact_backward"]
-
-
-def _affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, of: Tensor) -> Affine:
-    """One finalize launch: from the partials of ``of`` (a training norm; the running update and
-    the batch count in the same launch when ``norm.update``), or from the running statistics
-    (any other)."""
-    if norm.training:
-        return Affine(kernels.finalize_stats(
-            part, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean, running_var=norm.running_var,
-            num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum, update=norm.update,
-            count=of.numel() // max(of.shape[1], 1)))
-    return Affine(kernels.finalize_stats(None, norm.weight, norm.bias, norm.eps, running_mean=norm.running_mean,
-                                         running_var=norm.running_var, from_running=True,
-                                         dtype=stats_dtype(of.dtype)))
-
-
-def _eval_affine(kernels: KernelSet, norm: NormInputs, of: Tensor) -> Affine:
-    """An eval-mode norm applied in a conv's epilogue: computed there from its running statistics
-    where the kernel set can (no launch), else one finalize launch."""
-    if kernels.affine_from_stats:
-        return Affine(norm=norm)
-    return _affine(kernels, None, norm, of)
-
-
-def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
-    return (h - 1) // stride + 1, (w - 1) // stride + 1
-
-
-def _fuse_3x3(kernels: KernelSet, inp: Tensor, weight: Tensor, stride: int, groups: int) -> bool:
-    n, _, h, w = inp.shape
-    ho, wo = _out_hw(h, w, stride)
-    return kernels.fuse_3x3(n * ho * wo, weight.shape[0] // groups, weight.shape[1] * 9, inp.dtype, inp.device)
-
-
-def _act_conv(kernels: KernelSet, h: Tensor, weight: Tensor, affine: Affine, *, stride: int, groups: int,
-              emit_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """conv(relu(bn(h))) with the statistics of its output: the fused kernel, or for a 3x3 where the
-    kernel set says so the hybrid (BN+ReLU pass, ATen's conv, statistics pass)."""
-    if weight.shape[-1] == 1 or _fuse_3x3(kernels, h, weight, stride, groups):
-        return kernels.conv(h, weight, scale=affine.scale, shift=affine.shift, stride=stride, groups=groups,
-                            emit_stats=emit_stats)
-    act = kernels.bn_relu_apply(h, affine.scale, affine.shift)
-    y = F.conv2d(act, weight.to(act.dtype), stride=stride, padding=1, groups=groups)
-    y = y.contiguous(memory_format=torch.channels_last)
-    return y, (kernels.stats_partials(y) if emit_stats else None)
 
 
 def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_proj: Optional[Tensor],
@@ -105,14 +62,14 @@ def _eval_forward(kernels: KernelSet, x: Tensor, weights: Sequence[Tensor], w_pr
     closing relu(bn_last(y) + shortcut), the projection a second K-loop in it."""
     h = x
     for w, nm, s, g in zip(weights[:-1], norms, strides, groups):
-        post = _eval_affine(kernels, nm, h)
+        post = norm_affine(kernels, None, nm, h, lazy=True)
         h, _ = kernels.conv(h, w, stride=s, groups=g, **post.args("post_scale", "post_shift", "post_stats"))
     n_convs = len(weights)
-    last = _eval_affine(kernels, norms[n_convs - 1], h)
+    last = norm_affine(kernels, None, norms[n_convs - 1], h, lazy=True)
     if w_proj is None:
         sc = dict(shortcut=x, shortcut_kind=SHORTCUT_ADD, shortcut_stride=1)
     else:
-        proj = _eval_affine(kernels, norms[n_convs], x)
+        proj = norm_affine(kernels, None, norms[n_convs], x, lazy=True)
         sc = dict(shortcut=x, shortcut_kind=SHORTCUT_PROJECTION, shortcut_stride=_total_stride(strides),
                   proj_weight=w_proj, **proj.args("proj_scale", "proj_shift", "proj_stats"))
     out, _ = kernels.conv(h, weights[-1], stride=strides[-1], groups=groups[-1], postact_close=True, **sc,
@@ -146,15 +103,15 @@ def postact_forward(
         if prev is None:
             y, part = kernels.conv(h, w, stride=s, groups=g, emit_stats=emit)
         else:
-            y, part = _act_conv(kernels, h, w, prev, stride=s, groups=g, emit_stats=emit)
-        prev = _affine(kernels, part, norms[i], y)
+            y, part, _ = act_conv(kernels, h, w, prev, stride=s, groups=g, emit_stats=emit)
+        prev = norm_affine(kernels, part, norms[i], y)
         ys.append(y)
         affines.append(prev)
         h = y
     sc, sc_scale, sc_shift = x, None, None
     if w_proj is not None:
         yd, part_d = kernels.conv(x, w_proj, stride=_total_stride(strides), emit_stats=norms[n_convs].training)
-        proj = _affine(kernels, part_d, norms[n_convs], yd)
+        proj = norm_affine(kernels, part_d, norms[n_convs], yd)
         affines.append(proj)
         sc, sc_scale, sc_shift = yd, proj.scale, proj.shift
     last = affines[n_convs - 1]
@@ -167,15 +124,6 @@ def postact_forward(
 # ---------------------------------------------------------------------------------------
 
 
-def _aten_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int,
-                        mask: tuple[bool, bool] = (True, True)) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    pad = weight.shape[-1] // 2
-    d_in, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, inp, weight.to(grad.dtype), None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], groups,
-        [mask[0], mask[1], False])
-    return d_in, d_w
-
-
 @functools.lru_cache(maxsize=64)
 def _pass_all(channels: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """(zeros, ones) per channel: the (scale, shift) = (0, 1) prologue whose ReLU mask passes
@@ -183,31 +131,6 @@ def _pass_all(channels: int, dtype: torch.dtype, device: torch.device) -> tuple[
     shape instead of two allocations per backward."""
     zero = torch.zeros(channels, dtype=dtype, device=device)
     return zero, torch.ones_like(zero)
-
-
-def _coefficients(kernels: KernelSet, part: Tensor, v: Tensor, norm: SavedNorm) -> BNBackward:
-    count = v.numel() // v.shape[1]
-    return kernels.bn_backward_coefficients(part, norm.weight, norm.mean, norm.invstd, count, norm.training)
-
-
-def _act_conv_backward(kernels: KernelSet, grad: Tensor, weight: Tensor, v: Tensor, norm: SavedNorm,
-                       prologue: GradPrologue, *, stride: int, groups: int) -> tuple[Tensor, BNBackward, Tensor]:
-    """Backward through conv(relu(norm(v))) given its output gradient ``grad`` with the BN-backward
-    ``prologue`` still to apply: (g' masked at norm's ReLU, norm's coefficients, dW)."""
-    if weight.shape[-1] == 1 or _fuse_3x3(kernels, v, weight, stride, groups):
-        g_masked, part = kernels.conv_dgrad(grad, weight, v, norm.scale, norm.shift, norm.mean, norm.invstd,
-                                            stride=stride, groups=groups, prologue=prologue)
-        # A channels_last 3x3 weight gets its gradient in its own layout (no copy in the op).
-        cl_weight = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-        d_w = kernels.conv_wgrad(grad, v, norm.scale, norm.shift, ksize=weight.shape[-1], stride=stride,
-                                 groups=groups, prologue=prologue, channels_last=cl_weight)
-    else:  # hybrid 3x3: dy and the activation materialised once, ATen's dgrad and wgrad on them
-        dy = kernels.bn_backward_apply(grad, prologue.y, prologue)
-        act = kernels.bn_relu_apply(v, norm.scale, norm.shift)
-        d_act, d_w = _aten_conv_backward(dy, act, weight, stride, groups)
-        del dy, act
-        g_masked, part = kernels.relu_grad_sums(d_act, v, norm.scale, norm.shift, norm.mean, norm.invstd)
-    return g_masked, _coefficients(kernels, part, v, norm), d_w
 
 
 def _recompute_last(kernels: KernelSet, ys: Sequence[Tensor], x: Tensor, weights: Sequence[Tensor],
@@ -218,8 +141,8 @@ def _recompute_last(kernels: KernelSet, ys: Sequence[Tensor], x: Tensor, weights
         return kernels.conv(x, weights[-1], stride=strides[-1], groups=groups[-1])[0]
     prev = norms[len(weights) - 2]
     affine = Affine(prev.stats.view(5, -1))
-    return _act_conv(kernels, ys[-1], weights[-1], affine, stride=strides[-1], groups=groups[-1],
-                     emit_stats=False)[0]
+    return act_conv(kernels, ys[-1], weights[-1], affine, stride=strides[-1], groups=groups[-1],
+                    emit_stats=False)[0]
 
 
 def postact_backward(
@@ -240,40 +163,39 @@ def postact_backward(
     else:
         g_z, part, part_d = kernels.postact_out_backward(g, y_last, last_norm, x, None)
     coeffs: list[Optional[BNBackward]] = [None] * len(norms)
-    coeffs[n_convs - 1] = _coefficients(kernels, part, y_last, last_norm)
+    coeffs[n_convs - 1] = coefficients(kernels, part, y_last, last_norm)
     d_ws: list[Optional[Tensor]] = [None] * n_convs
-    grad, prologue = g_z, GradPrologue(y_last, coeffs[n_convs - 1].a, coeffs[n_convs - 1].b,
-                                       coeffs[n_convs - 1].c)
+    grad, prologue = g_z, grad_prologue(y_last, coeffs[n_convs - 1])
     all_ys = list(ys) + [y_last]
     for i in range(n_convs - 1, 0, -1):
-        grad, coeffs[i - 1], d_ws[i] = _act_conv_backward(
-            kernels, grad, weights[i], all_ys[i - 1], norms[i - 1], prologue, stride=strides[i], groups=groups[i])
-        c = coeffs[i - 1]
-        prologue = GradPrologue(all_ys[i - 1], c.a, c.b, c.c)
+        grad, coeffs[i - 1], d_ws[i], _ = act_conv_backward(
+            kernels, grad, weights[i], all_ys[i - 1], norms[i - 1], stride=strides[i], groups=groups[i],
+            prologue=prologue)
+        prologue = grad_prologue(all_ys[i - 1], coeffs[i - 1])
     del all_ys, y_last
     # The projection's dy is needed whole (the dgrad's second K-loop has no prologue).
     dyd = None
     d_wp = None
     if w_proj is not None:
-        coeffs[n_convs] = _coefficients(kernels, part_d, yd, norms[n_convs])
+        coeffs[n_convs] = coefficients(kernels, part_d, yd, norms[n_convs])
         dyd = kernels.bn_backward_apply(g_z, yd, coeffs[n_convs])
         del yd
         d_wp = kernels.plain_conv_wgrad(dyd, x, w_proj, stride=total, prologue=None)
     # conv0: its input is x itself, no activation: no ReLU mask (scale 0, shift 1 passes all).
     w0, s0, g0 = weights[0], strides[0], groups[0]
-    if w0.shape[-1] == 1 or _fuse_3x3(kernels, x, w0, s0, g0):
+    if fused_3x3(kernels, x, w0, s0, g0):
         zero, one = _pass_all(x.shape[1], prologue.a.dtype, x.device)
         second = dict(second_grad=dyd, second_weight=w_proj, second_stride=total) if dyd is not None else {}
         dx, _ = kernels.conv_dgrad(grad, w0, x, zero, one, zero, zero, stride=s0, groups=g0, prologue=prologue,
                                    **second)
         d_ws[0] = kernels.plain_conv_wgrad(grad, x, w0, stride=s0, prologue=prologue) if g0 == 1 else \
-            _aten_conv_backward(kernels.bn_backward_apply(grad, prologue.y, prologue), x, w0, s0, g0,
+            aten_conv_backward(kernels.bn_backward_apply(grad, prologue.y, prologue), x, w0, s0, g0,
                                 (False, True))[1]
     else:  # hybrid 3x3
         dy0 = kernels.bn_backward_apply(grad, prologue.y, prologue)
-        dx, d_ws[0] = _aten_conv_backward(dy0, x, w0, s0, g0)
+        dx, d_ws[0] = aten_conv_backward(dy0, x, w0, s0, g0)
         if dyd is not None:
-            dx = dx + _aten_conv_backward(dyd, x, w_proj, total, 1, (True, False))[0]
+            dx = dx + aten_conv_backward(dyd, x, w_proj, total, 1, (True, False))[0]
     if w_proj is None:
         dx = dx + g_z
     return dict(x=dx, weights=d_ws, w_proj=d_wp,
