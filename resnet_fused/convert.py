@@ -57,7 +57,7 @@ from . import interop
 from .backends import AUTO_CUDA_TABLE, check_backend, resolve_backend
 from .convert_adapters import ADAPTERS, SYNC_BATCHNORM_REASON, Found, Unfusable, find_blocks
 from .models import ResNetV2
-from .modules import _FusedBlock
+from .modules import chains_statistics
 from .stage import FusedStage, FusedStages, _stage_blocks
 
 __all__ = ["convert", "unconvert", "describe", "BACKEND_DESCRIPTIONS", "SYNC_BATCHNORM_REASON"]
@@ -99,7 +99,7 @@ def _fuse_containers(model: nn.Module) -> None:
     ``stages``) a ``FusedStages``. Both subclass nn.Sequential without adding state, so the
     object is kept (its class is switched): same identity, children, keys and hooks."""
     for m in list(model.modules()):
-        if type(m) is nn.Sequential and any(isinstance(c, _FusedBlock) for c in m.children()):
+        if type(m) is nn.Sequential and any(chains_statistics(c) for c in m.children()):
             m.__class__ = FusedStage
     for m in list(model.modules()):
         if type(m) is nn.Sequential and any(_stage_blocks(c) is not None for c in m.children()):
@@ -254,8 +254,8 @@ def _statistics_sources(model: nn.Module) -> dict[int, str]:
     def chain(blocks: list, carried: bool) -> bool:
         prev_fused = carried
         for b in blocks:
-            fused = isinstance(b, _FusedBlock) and not any(getattr(b, a, None) for a in _HOOK_DICTS)
-            if isinstance(b, _FusedBlock):
+            fused = chains_statistics(b) and not any(getattr(b, a, None) for a in _HOOK_DICTS)
+            if chains_statistics(b):
                 out[id(b)] = ("chained from the previous block's last conv" if fused and prev_fused
                               else "own statistics pass")
             prev_fused = fused
@@ -270,7 +270,7 @@ def _statistics_sources(model: nn.Module) -> dict[int, str]:
     for m in model.modules():
         if type(m) is FusedStage:
             blocks = list(m)
-            if not all(id(b) in out for b in blocks if isinstance(b, _FusedBlock)):
+            if not all(id(b) in out for b in blocks if chains_statistics(b)):
                 chain(blocks, False)
     return out
 

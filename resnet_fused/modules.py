@@ -80,48 +80,52 @@ def reference_forward(block: nn.Module, x: Tensor) -> Tensor:
     return super(_FusedBlock, block).forward(x)
 
 
-class _FusedBlock:
-    """What both fused blocks share: dtype handling, the op call, running statistics."""
+def _counter(norm: nn.Module) -> Optional[Tensor]:
+    """A norm's ``num_batches_tracked`` (None: untracked, or a FrozenBatchNorm2d, which has none)."""
+    return getattr(norm, "num_batches_tracked", None)
 
-    def _norms(self) -> list[nn.BatchNorm2d]:
+
+class _FusedBlock:
+    """The one base of every fused block, pre- and post-activation: the forward template (plan
+    lookup, eager fallback, casts and checks, fold decision, norm arguments, op call, output
+    format) and the running statistics. A block declares its chain: ``_norms``,
+    ``_conv_weights``, ``_proj_weight``, ``_kind``, ``_op_config``, ``_counts``, ``_call_op``,
+    ``_check_input`` and ``_reference_forward``."""
+
+    #: Whether the block's op takes and emits statistics partials (stage fusion: pre-activation).
+    _takes_stats = True
+
+    def _norms(self) -> list[nn.Module]:
         raise NotImplementedError
 
     def _conv_weights(self) -> list[Tensor]:
         raise NotImplementedError
 
-    def _prepare(self, x: Tensor) -> tuple[Tensor, list[Tensor], Optional[Tensor]]:
-        """Input and weights in the compute dtype (autocast's, or the module's own)."""
-        weights = self._conv_weights()
-        w_proj = self.downsample.conv.weight if self.downsample is not None else None
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None and x.is_floating_point():
-            x = x.to(cast)
-            weights = [w.to(cast) for w in weights]
-            w_proj = w_proj.to(cast) if w_proj is not None else None
-        if weights[0].dtype != x.dtype:
-            raise TypeError(
-                f"{type(self).__name__}: input dtype {x.dtype} and weight dtype {weights[0].dtype} "
-                "differ; convert the module with .to(dtype), or run it under torch.autocast")
-        if weights[0].device != x.device:
-            raise RuntimeError(
-                f"{type(self).__name__}: input on {x.device} but parameters on {weights[0].device}; "
-                "move the module or the input so they share a device")
-        return x, weights, w_proj
+    def _proj_weight(self) -> Optional[Tensor]:
+        return self.downsample.conv.weight if self.downsample is not None else None
+
+    @staticmethod
+    def _trains(norm: nn.Module) -> bool:
+        """Whether a norm normalises with batch statistics (training, or no running statistics)."""
+        return bool(norm.training or norm.running_mean is None)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        """The eager computation of the block (the fallback where no fused backend runs)."""
+        return reference_forward(self, x)
 
     def _norm_args(self, x: Tensor, update: bool = False) -> dict:
         """The op's norm arguments. With ``update`` the op moves the running statistics of the
         norms in training mode: ``running_means`` then also carries the norms'
         ``num_batches_tracked`` counters after the means (see ops/blocks.py)."""
         norms = self._norms()
-        training = [bool(n.training or n.running_mean is None) for n in norms]
+        training = [self._trains(n) for n in norms]
 
         def empty(dtype=torch.float32):
             return x.new_empty((0,), dtype=dtype)
 
         means = [n.running_mean if n.running_mean is not None else empty() for n in norms]
         if update:
-            means += [n.num_batches_tracked if n.num_batches_tracked is not None else empty(torch.long)
-                      for n in norms]
+            means += [_counter(n) if _counter(n) is not None else empty(torch.long) for n in norms]
         return dict(
             bn_weights=[n.weight for n in norms], bn_biases=[n.bias for n in norms],
             running_means=means,
@@ -131,9 +135,9 @@ class _FusedBlock:
     def _update_args(self) -> dict:
         """momentum (< 0: None, the cumulative average) and whether the op updates statistics."""
         norms = self._norms()
-        update = any(n.training and n.running_mean is not None for n in norms)
-        return dict(momentum=[-1.0 if n.momentum is None else float(n.momentum) for n in norms],
-                    update_stats=update)
+        update = any(self._trains(n) and n.running_mean is not None for n in norms)
+        momentum = [getattr(n, "momentum", 0.1) for n in norms]
+        return dict(momentum=[-1.0 if m is None else float(m) for m in momentum], update_stats=update)
 
     def _fused_backend(self, x: Tensor) -> Optional[str]:
         """The fused backend this block runs ``x`` on, or None (it runs the reference)."""
@@ -147,27 +151,20 @@ class _FusedBlock:
         """Whether bn1 normalises with batch statistics (then the input's partials are useful)."""
         return bool(self.norm1.training or self.norm1.running_mean is None)
 
-    def _fold_eval(self, x: Tensor, training: Sequence[bool]) -> bool:
-        """Eval-mode folding applies when no norm trains and nothing needs a gradient."""
-        if any(training):
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
-
     # -- the per-call plan ------------------------------------------------------------------
 
     def _grad_tensors(self) -> list[Tensor]:
         """Every tensor a gradient can flow to besides the input: the block's parameters."""
         norms = self._norms()
         out = self._conv_weights() + [n.weight for n in norms] + [n.bias for n in norms]
-        if self.downsample is not None:
-            out.append(self.downsample.conv.weight)
-        return out
+        w_proj = self._proj_weight()
+        return out + [w_proj] if w_proj is not None else out
 
     def _plan_key(self, x: Tensor, in_stats: Optional[Tensor], emit_stats: bool) -> tuple:
         """What a call's plan depends on (see :class:`_Plan`)."""
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._grad_tensors()))
         return (x.shape, x.stride(), x.dtype, x.device, _autocast_dtype(x.device.type), grad,
-                tuple((n.training, n.running_mean is None, n.num_batches_tracked is None, n.momentum, n.eps)
+                tuple((n.training, n.running_mean is None, _counter(n) is None, getattr(n, "momentum", None), n.eps)
                       for n in self._norms()),
                 self.backend, in_stats is None, emit_stats)
 
@@ -196,15 +193,17 @@ class _FusedBlock:
             return _Plan(None, None, {}, False, False, ())
         cast = _autocast_dtype(x.device.type) if x.is_floating_point() else None
         norms = self._norms()
-        training = [bool(n.training or n.running_mean is None) for n in norms]
+        training = [self._trains(n) for n in norms]
         upd = self._update_args()
         self._check_counts(training, self._counts(x.shape), x.shape)
         needs_grad = key[5]
         fold = not any(training) and not needs_grad
         kw = dict(training=training, eps=[float(n.eps) for n in norms], **self._op_config(), fold_eval=fold,
-                  backend=backend, **upd, emit_stats=key[-1])
+                  backend=backend, **upd)
+        if self._takes_stats:
+            kw["emit_stats"] = key[-1]
         missing = tuple(i for i, n in enumerate(norms) if n.running_mean is None or n.running_var is None
-                        or (upd["update_stats"] and n.num_batches_tracked is None))
+                        or (upd["update_stats"] and _counter(n) is None))
         nchw = x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
         return _Plan(backend, cast, kw, needs_grad, nchw, missing)
 
@@ -217,13 +216,13 @@ class _FusedBlock:
             return args["running_means"], args["running_vars"]
         means = [n.running_mean for n in norms]
         if plan.kw["update_stats"]:
-            means += [n.num_batches_tracked for n in norms]
+            means += [_counter(n) for n in norms]
         return means, [n.running_var for n in norms]
 
     def _cast(self, x: Tensor, plan: "_Plan") -> tuple[Tensor, list[Tensor], Optional[Tensor]]:
         """Input and conv weights in the plan's compute dtype; the per-call dtype/device check."""
         weights = self._conv_weights()
-        w_proj = self.downsample.conv.weight if self.downsample is not None else None
+        w_proj = self._proj_weight()
         cast = plan.cast
         if cast is not None:
             x = x.to(cast)
@@ -244,7 +243,7 @@ class _FusedBlock:
         """The module forward outside TorchScript and FX."""
         plan = self._plan(x, None, False)
         if plan.backend is None:
-            return reference_forward(self, x)
+            return self._reference_forward(x)
         out, _ = self._run(x, plan, None)
         return out.contiguous() if plan.nchw_out else out
 
@@ -261,10 +260,12 @@ class _FusedBlock:
         xc, weights, w_proj = self._cast(x, plan)
         means, vars_ = self._running_args(xc, plan)
         norms = self._norms()
-        kw = dict(plan.kw, running_means=means, running_vars=vars_, in_stats=in_stats)
+        kw = dict(plan.kw, running_means=means, running_vars=vars_)
+        if self._takes_stats:
+            kw["in_stats"] = in_stats
         outs = self._call_op(xc, weights, w_proj, [n.weight for n in norms], [n.bias for n in norms], kw,
                              plan.needs_grad)
-        return outs[0], (outs[-1] if kw["emit_stats"] else None)
+        return outs[0], (outs[-1] if kw.get("emit_stats") else None)
 
     def _op_config(self) -> dict:
         raise NotImplementedError
@@ -283,12 +284,13 @@ class _FusedBlock:
                     f"Expected more than 1 value per channel when training, got input size {list(shape)} "
                     f"({type(self).__name__}: a norm sees one value per channel)")
 
-    @staticmethod
-    def _output_format(x: Tensor, out: Tensor) -> Tensor:
-        # The op computes channels_last; an NCHW-contiguous input gets an NCHW output back.
-        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
-            return out.contiguous()
-        return out
+
+def chains_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a fused block that takes its input's statistics partials from the
+    previous block and emits its output's (``_forward_stats``): what stage fusion chains. The
+    pre-activation blocks do; a post-activation block's first conv reads the raw input, so it
+    has nothing to chain."""
+    return isinstance(module, _FusedBlock) and module._takes_stats
 
 
 class FusedBottleneck(_FusedBlock, reference.PreActBottleneck):

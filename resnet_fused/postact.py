@@ -23,7 +23,7 @@ autocast dtype, BN in fp32. The output keeps the input's memory format (NCHW or 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import graph_forward
-from .backends import block_backend, resolve_backend
+from .backends import resolve_backend
+from .modules import _FusedBlock
 from .ops import postact_blocks as postact_ops
 
 __all__ = ["FusedPostActBottleneck", "FusedPostActBasicBlock", "FusedTimmBottleneck", "FusedTimmBasicBlock",
@@ -73,26 +74,17 @@ def downsample_parts(downsample: Optional[nn.Module]) -> Optional[tuple[nn.Conv2
     return conv, norm
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type == "meta":  # FLOP counting on meta tensors: no autocast there
-        return None
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-class _PostActBlock(nn.Module):
-    """What the four drop-ins share: the eager forward, the op call, running statistics."""
+class _PostActBlock(_FusedBlock, nn.Module):
+    """What the four drop-ins share beyond the fused-block base (modules.py's ``_FusedBlock``:
+    the plan cache, casts and checks, fold decision, norm arguments, op call): the chain of
+    (conv, norm) pairs, the eager forward, and the post-activation op."""
 
     kind = "bottleneck"
+    _takes_stats = False
 
-    # Subclasses: names of the conv / norm submodules in chain order, strides and groups per conv.
+    # Subclasses: the (conv, norm) submodules in chain order.
     def _chain(self) -> list[tuple[nn.Conv2d, nn.Module]]:
         raise NotImplementedError
-
-    def _strides(self) -> list[int]:
-        return [int(conv.stride[0]) for conv, _ in self._chain()]
-
-    def _groups(self) -> list[int]:
-        return [int(conv.groups) for conv, _ in self._chain()]
 
     def _check_fusable(self) -> None:
         for i, (conv, norm) in enumerate(self._chain()):
@@ -103,8 +95,20 @@ class _PostActBlock(nn.Module):
                 raise ValueError(f"{type(self).__name__}: dilated convolutions are not fused; keep the eager block")
         downsample_parts(self.downsample)
 
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        c_in = self.conv1.in_channels
+        if x.shape[1] != c_in:
+            raise ValueError(f"{type(self).__name__} was built for {c_in} input channels, got an input with "
+                             f"{x.shape[1]} (shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+
     # --- eager ---------------------------------------------------------------------------
-    def _eager_forward(self, x: Tensor) -> Tensor:
+    def _reference_forward(self, x: Tensor) -> Tensor:
         chain = self._chain()
         h = x
         for i, (conv, norm) in enumerate(chain):
@@ -114,17 +118,43 @@ class _PostActBlock(nn.Module):
         sc = self.downsample(x) if self.downsample is not None else x
         return F.relu(h + sc)
 
-    # --- fused ---------------------------------------------------------------------------
-    def _norm_list(self) -> list[nn.Module]:
+    # --- the chain, as the fused-block base reads it ----------------------------------------
+    def _norms(self) -> list[nn.Module]:
         norms = [norm for _, norm in self._chain()]
         parts = downsample_parts(self.downsample)
         return norms + ([parts[1]] if parts is not None else [])
+
+    def _conv_weights(self) -> list[Tensor]:
+        return [conv.weight for conv, _ in self._chain()]
+
+    def _proj_weight(self) -> Optional[Tensor]:
+        parts = downsample_parts(self.downsample)
+        return parts[0].weight if parts is not None else None
 
     @staticmethod
     def _trains(norm: nn.Module) -> bool:
         if is_frozen_norm(norm):
             return False
         return bool(norm.training or norm.running_mean is None)
+
+    def _kind(self) -> str:
+        return f"postact_{self.kind}"
+
+    def _op_config(self) -> dict:
+        return dict(strides=[int(conv.stride[0]) for conv, _ in self._chain()],
+                    groups=[int(conv.groups) for conv, _ in self._chain()])
+
+    def _counts(self, shape) -> tuple[int, ...]:
+        n, _, h, w = shape
+        counts = []
+        for conv, _ in self._chain():
+            s = int(conv.stride[0])
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1
+            counts.append(n * h * w)
+        return tuple(counts + ([counts[-1]] if self.downsample is not None else []))
+
+    def _call_op(self, x, weights, w_proj, bn_weights, bn_biases, kw, needs_grad):
+        return postact_ops.postact_call(x, weights, w_proj, bn_weights, bn_biases, kw, needs_grad)
 
     _script_forward = graph_forward.PostActScript._script_forward
 
@@ -137,59 +167,7 @@ class _PostActBlock(nn.Module):
     def _fused_forward(self, x: Tensor) -> Tensor:
         if graph_forward.is_fx_proxy(x):
             return graph_forward.fx_leaf_call(self, x)
-        backend = block_backend(self.backend, x, f"postact_{self.kind}")
-        if backend == "reference":
-            return self._eager_forward(x)
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) tensor")
-        chain = self._chain()
-        parts = downsample_parts(self.downsample)
-        weights = [conv.weight for conv, _ in chain]
-        w_proj = parts[0].weight if parts is not None else None
-        xc = x
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None and x.is_floating_point():
-            xc = x.to(cast)
-            weights = [w.to(cast) for w in weights]
-            w_proj = w_proj.to(cast) if w_proj is not None else None
-        if weights[0].dtype != xc.dtype:
-            raise TypeError(f"{type(self).__name__}: input dtype {xc.dtype} and weight dtype {weights[0].dtype} "
-                            "differ; convert the module with .to(dtype), or run it under torch.autocast")
-        norms = self._norm_list()
-        training = [self._trains(n) for n in norms]
-        empty = xc.new_empty((0,), dtype=torch.float32)
-        strides, groups = self._strides(), self._groups()
-        n, _, h, w = x.shape
-        counts = []
-        for s in strides:
-            h, w = (h - 1) // s + 1, (w - 1) // s + 1
-            counts.append(n * h * w)
-        if parts is not None:
-            counts.append(counts[-1])
-        for trains, count in zip(training, counts):
-            if trains and count == 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                                 f"{list(x.shape)} ({type(self).__name__}: a norm sees one value per channel)")
-        fold = not any(training) and not (
-            torch.is_grad_enabled() and (xc.requires_grad or any(p.requires_grad for p in self.parameters())))
-        # The op moves the running statistics of a training BatchNorm inside its finalize launch;
-        # the counters follow the running means (see ops/postact_blocks.py).
-        update = any(t and nm.training and nm.running_mean is not None for nm, t in zip(norms, training))
-        means = [nm.running_mean if nm.running_mean is not None else empty for nm in norms]
-        if update:
-            means += [nm.num_batches_tracked if getattr(nm, "num_batches_tracked", None) is not None
-                      and nm.training else xc.new_empty((0,), dtype=torch.long) for nm in norms]
-        momentum = [-1.0 if getattr(nm, "momentum", 0.1) is None else float(getattr(nm, "momentum", 0.1))
-                    for nm in norms]
-        outs = postact_ops.postact_block_forward(
-            xc, weights, w_proj,
-            [nm.weight for nm in norms], [nm.bias for nm in norms], means,
-            [nm.running_var if nm.running_var is not None else empty for nm in norms],
-            training, [float(nm.eps) for nm in norms], strides, groups, fold, backend, momentum, update)
-        out = outs[0]
-        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
-            return out.contiguous()
-        return out
+        return self._eager_call(x)
 
 
 def _norm(norm_layer: Optional[Callable[..., nn.Module]], channels: int, **dd: Any) -> nn.Module:

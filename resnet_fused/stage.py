@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules import module as _module_globals
 
-from .modules import _FusedBlock
+from .modules import chains_statistics
 from .ops.blocks import runs_fused
 
 from . import graph_forward
@@ -57,7 +57,7 @@ def _global_hooks() -> bool:
 def _fused_block(module: nn.Module, x: Tensor) -> bool:
     """Whether ``module`` is a fused block that runs its fused op for ``x`` and can be called
     through ``_forward_stats`` (no hooks on it: hooks need a normal call)."""
-    if not isinstance(module, _FusedBlock) or _has_hooks(module):
+    if not chains_statistics(module) or _has_hooks(module):
         return False
     backend = module._fused_backend(x)
     return backend is not None and runs_fused(x, backend)

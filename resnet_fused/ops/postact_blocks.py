@@ -41,10 +41,10 @@ from ..fused import postact as fused_postact
 from ..kernel_set import NormInputs, SavedNorm
 from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
-from .blocks import (_check_backend, _check_no_double_backward, _counters, _kernel_set, _like_weight, _momentum,
-                     _register_autograd, _trim, runs_fused)
+from .blocks import (_bump_versions, _check_backend, _check_no_double_backward, _counters, _kernel_set, _like_weight,
+                     _momentum, _register_autograd, _trim, direct_call_allowed, runs_fused)
 
-__all__ = ["postact_block_forward", "postact_block_backward"]
+__all__ = ["postact_block_forward", "postact_block_backward", "postact_call"]
 
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
@@ -107,8 +107,7 @@ def _counts(x: Tensor, strides: Sequence[int], with_proj: bool) -> list[int]:
     return counts + ([counts[-1]] if with_proj else [])
 
 
-@torch.library.custom_op("resnet_fused::postact_block_forward", mutates_args=_MUTATES)
-def postact_block_forward(
+def _postact_forward_impl(
     x: Tensor, weights: List[Tensor], w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor], running_means: List[Tensor], running_vars: List[Tensor],
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], fold_eval: bool, backend: str,
@@ -134,6 +133,10 @@ def postact_block_forward(
     stats = [SavedNorm.from_mean_var(w, b, m, v, e, t).stats
              for w, b, (m, v), e, t in zip(bn_weights, bn_biases, record["stats"], eps, training)]
     return _outputs(out, record["convs"], stats)
+
+
+postact_block_forward = torch.library.custom_op("resnet_fused::postact_block_forward",
+                                                mutates_args=_MUTATES)(_postact_forward_impl)
 
 
 @postact_block_forward.register_fake
@@ -178,8 +181,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-@torch.library.custom_op("resnet_fused::postact_block_backward", mutates_args=())
-def postact_block_backward(
+def _postact_backward_impl(
     grad_out: Tensor, x: Tensor, ys: List[Tensor], weights: List[Tensor], w_proj: Optional[Tensor],
     bn_weights: List[Tensor], bn_biases: List[Tensor], stats: List[Tensor],
     training: List[bool], eps: List[float], strides: List[int], groups: List[int], backend: str,
@@ -192,6 +194,10 @@ def postact_block_backward(
     out += [_like_weight(d, w) for d, w in zip(g["weights"], weights)]
     out.append(_like_weight(g["w_proj"], w_proj) if g["w_proj"] is not None else x.new_empty((0,)))
     return out + list(g["bn_weight"]) + list(g["bn_bias"])
+
+
+postact_block_backward = torch.library.custom_op("resnet_fused::postact_block_backward",
+                                                 mutates_args=())(_postact_backward_impl)
 
 
 @postact_block_backward.register_fake
@@ -220,15 +226,17 @@ def _reference_grads(ctx, saved: dict, grad_out: Tensor) -> tuple:
     return dict(zip(leaf, grads))
 
 
-def _backward(ctx, *grads):
-    _check_no_double_backward()
+def _postact_grads(ctx, grad: Optional[Tensor], direct: bool) -> dict:
+    """The unit's gradients by name (x, w{i}, w_proj, bn_weight{i}, bn_bias{i}); ``direct`` calls
+    the backward's implementation rather than its op (the eager autograd.Function's path)."""
     saved = load_saved(ctx)
     n_convs, n_norms = ctx.n_convs, ctx.n_norms
-    if grads[0] is None:  # the block output took no part in the loss
+    if grad is None:  # the block output took no part in the loss
         g = {}
     elif runs_fused(saved["x"], ctx.backend):
-        out = torch.ops.resnet_fused.postact_block_backward(
-            grads[0], saved["x"], [saved[f"y{i}"] for i in range(n_convs - 1)],
+        backward = _postact_backward_impl if direct else torch.ops.resnet_fused.postact_block_backward
+        out = backward(
+            grad, saved["x"], [saved[f"y{i}"] for i in range(n_convs - 1)],
             [saved[f"w{i}"] for i in range(n_convs)], saved.get("w_proj"),
             [saved[f"bn_weight{i}"] for i in range(n_norms)], [saved[f"bn_bias{i}"] for i in range(n_norms)],
             [saved[f"stats{i}"] for i in range(n_norms)],
@@ -238,8 +246,14 @@ def _backward(ctx, *grads):
         g.update({f"bn_weight{i}": out[2 + n_convs + i] for i in range(n_norms)})
         g.update({f"bn_bias{i}": out[2 + n_convs + n_norms + i] for i in range(n_norms)})
     else:
-        g = _reference_grads(ctx, saved, grads[0])
-    g = {k: (v.to(saved[k].dtype) if v is not None and k in saved else v) for k, v in g.items()}
+        g = _reference_grads(ctx, saved, grad)
+    return {k: (v.to(saved[k].dtype) if v is not None and k in saved else v) for k, v in g.items()}
+
+
+def _backward(ctx, *grads):
+    _check_no_double_backward()
+    g = _postact_grads(ctx, grads[0], direct=False)
+    n_convs, n_norms = ctx.n_convs, ctx.n_norms
     return _trim(ctx, (g.get("x"), [g.get(f"w{i}") for i in range(n_convs)], g.get("w_proj"),
                        [g.get(f"bn_weight{i}") for i in range(n_norms)], [g.get(f"bn_bias{i}") for i in range(n_norms)],
                        [None] * ctx.running_lens[0], [None] * ctx.running_lens[1],
@@ -247,6 +261,48 @@ def _backward(ctx, *grads):
 
 
 _register_autograd(postact_block_forward, _backward, _setup_context)
+
+
+class _PostActFunction(torch.autograd.Function):
+    """The post-activation op's forward and backward without the dispatcher's autograd wrapper:
+    the same implementation, saved tensors, non-differentiable outputs and gradients as the op's
+    registered autograd (``_setup_context`` / ``_postact_grads``), as ops/blocks.py's
+    ``_BottleneckFunction`` is for the pre-activation bottleneck."""
+
+    @staticmethod
+    def forward(ctx, kw: dict, n_convs: int, x, w_proj, *tensors):
+        n_norms = (len(tensors) - n_convs) // 2
+        weights = list(tensors[:n_convs])
+        bn_weights, bn_biases = list(tensors[n_convs:n_convs + n_norms]), list(tensors[n_convs + n_norms:])
+        out = _postact_forward_impl(x, weights, w_proj, bn_weights, bn_biases, **kw)
+        _bump_versions(kw)
+        _setup_context(ctx, (x, weights, w_proj, bn_weights, bn_biases, kw["running_means"], kw["running_vars"],
+                             kw["training"], kw["eps"], kw["strides"], kw["groups"], kw["fold_eval"], kw["backend"]),
+                       out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _check_no_double_backward()
+        g = _postact_grads(ctx, grads[0], direct=True)
+        return (None, None, g.get("x"), g.get("w_proj"), *(g.get(f"w{i}") for i in range(ctx.n_convs)),
+                *(g.get(f"bn_weight{i}") for i in range(ctx.n_norms)),
+                *(g.get(f"bn_bias{i}") for i in range(ctx.n_norms)))
+
+
+def postact_call(x: Tensor, weights: List[Tensor], w_proj: Optional[Tensor], bn_weights: List[Tensor],
+                 bn_biases: List[Tensor], kw: dict, needs_grad: bool) -> tuple[Tensor, ...]:
+    """The post-activation op's outputs for a module call, through the cheapest dispatch that
+    applies (as ops/blocks.py's ``bottleneck_call``): where ``direct_call_allowed``, an
+    autograd.Function around the op's implementation (``needs_grad``) or the implementation
+    itself; otherwise the op (``torch.ops.resnet_fused.postact_block_forward``)."""
+    if not direct_call_allowed(x):
+        return postact_block_forward(x, weights, w_proj, bn_weights, bn_biases, **kw)
+    if needs_grad:
+        return _PostActFunction.apply(kw, len(weights), x, w_proj, *weights, *bn_weights, *bn_biases)
+    out = _postact_forward_impl(x, weights, w_proj, bn_weights, bn_biases, **kw)
+    _bump_versions(kw)
+    return out
 
 
 def _postact_macs(x_shape, weights, w_proj, *args, out_shape=None, **kwargs) -> int:
