@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..kernel_set import BNBackward
-from .launch import cdiv, launch
+from .launch import launch
 from .stats import SPLIT_BLOCK_C, SPLIT_BLOCK_P, split_grid
 
 __all__ = ["relu_grad_sums", "bn_backward_coefficients", "bn_backward_apply", "BNBackward"]
@@ -185,11 +185,11 @@ def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: 
     grad, v = _nhwc(grad), _nhwc(v)
     n, c, h, w = v.shape
     m = n * h * w
-    p = cdiv(m, block_m)
+    p = -(-m // block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c), dtype=scale.dtype, device=v.device)
     extra = _nhwc(extra) if extra is not None else None
-    launch(_relu_grad_sums_kernel, (p, cdiv(c, block_c)), v,
+    launch(_relu_grad_sums_kernel, (p, -(-c // block_c)), v,
            grad, extra if extra is not None else grad, v, scale, shift, mean, invstd, out, part, m, c,
            HAS_EXTRA=extra is not None, BLOCK_M=block_m, BLOCK_C=block_c)
     return out, part
@@ -208,7 +208,7 @@ def bn_backward_coefficients(part: Tensor, weight: Optional[Tensor], mean: Tenso
         part, p = sums, n_chunks
     # Separate buffers: dgamma and dbeta are returned as gradients and must not alias.
     dgamma, dbeta, a, b, cc = (torch.empty(c, dtype=part.dtype, device=part.device) for _ in range(5))
-    launch(_bn_backward_coefficients_kernel, (cdiv(c, block_c),), part,
+    launch(_bn_backward_coefficients_kernel, (-(-c // block_c),), part,
            part, weight if weight is not None else part, mean, invstd, dgamma, dbeta, a, b, cc,
            p, c, float(count), TRAINING=training, HAS_WEIGHT=weight is not None,
            BLOCK_P=block_p, BLOCK_C=block_c)
@@ -227,7 +227,7 @@ def bn_backward_apply(g: Tensor, v: Tensor, coeff: BNBackward, shortcut_grad: Op
         h_sc, w_sc = shortcut_grad.shape[2:]
     else:
         h_sc, w_sc = 1, 1
-    launch(_bn_backward_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), v,
+    launch(_bn_backward_apply_kernel, (-(-m // block_m), -(-c // block_c)), v,
            g, v, coeff.a, coeff.b, coeff.c, shortcut_grad if shortcut_grad is not None else g, out,
            m, c, h, w, h_sc, w_sc, SHORTCUT=shortcut_grad is not None, SC_STRIDE=shortcut_stride,
            BLOCK_M=block_m, BLOCK_C=block_c)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION
-from .launch import cdiv, launch
+from .launch import launch
 from .stats import _store_tile_stats, new_partials
 
 __all__ = ["_dot", "_zero_acc", "ConvConfig", "SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "bn_relu_conv",
@@ -290,7 +290,7 @@ def bn_relu_conv(
     x = _nhwc(x)
     out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
-    n_tiles_m = cdiv(m, config.block_m)
+    n_tiles_m = -(-m // config.block_m)
     part = new_partials(n_tiles_m, c_out, x.device, x.dtype) if emit_stats else out
     w = weight.to(x.dtype)  # read at its strides: no copy for a contiguous or channels_last parameter
     if shortcut is not None:
@@ -304,7 +304,7 @@ def bn_relu_conv(
     sc_m, sc_v, sc_eps = proj_stats if proj_stats is not None else (dummy, dummy, 0.0)
     post_m, post_v, post_eps = post_stats if post_stats is not None else (dummy, dummy, 0.0)
     cout_pg = c_out // groups
-    grid = (n_tiles_m, groups * cdiv(cout_pg, config.block_n))
+    grid = (n_tiles_m, groups * -(-cout_pg // config.block_n))
     launch(
         _bn_relu_conv_kernel, grid, x,
         x, scale if scale is not None else dummy, shift if shift is not None else dummy, w, out,

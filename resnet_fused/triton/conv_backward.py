@@ -30,7 +30,7 @@ from torch import Tensor
 from ..kernel_set import GradPrologue
 from .bn_backward import _relu_mask_store_sums
 from .conv import _dot, _zero_acc, dot_precision
-from .launch import cdiv, launch
+from .launch import launch
 
 __all__ = ["conv_dgrad", "conv_wgrad", "GradPrologue"]
 
@@ -204,7 +204,7 @@ def conv_dgrad(
         raise ValueError(f"conv_dgrad: grad {tuple(grad.shape)}, weight {tuple(weight.shape)} (groups {groups}) "
                          f"and input {tuple(v.shape)} do not fit a stride-{stride} conv")
     m = n * h * w
-    p = cdiv(m, block_m)
+    p = -(-m // block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c_in), dtype=scale.dtype, device=v.device)
     w_packed = weight.to(grad.dtype)  # read in place at its strides: [C_out, cin_pg, kh, kw]
@@ -216,7 +216,7 @@ def conv_dgrad(
         second_grad, w2, k2, h2, w2_sp = grad, w_packed[:, :, 0, 0], 0, 1, 1
     pro = prologue or GradPrologue(grad, scale, scale, scale)
     cout_pg = c_out // groups
-    launch(_conv_dgrad_kernel, (p, groups * cdiv(cin_pg, block_n)), v,
+    launch(_conv_dgrad_kernel, (p, groups * -(-cin_pg // block_n)), v,
            grad, pro.y, pro.a, pro.b, pro.c, w_packed, second_grad, w2,
            v, scale, shift, mean, invstd, out, part,
            m, h, w, c_in, c_out, h_out, w_out, cin_pg, cout_pg, k2, h2, w2_sp,
@@ -246,9 +246,10 @@ def conv_wgrad(
         return torch.empty((c_out, cin_pg, ksize, ksize), dtype=grad.dtype, device=grad.device,
                            memory_format=layout).zero_()
     if splits is None:
-        splits = max(1, min(64, cdiv(m, 4096)))
-    rows_per_split = cdiv(cdiv(m, splits), block_m) * block_m
-    splits = cdiv(m, rows_per_split)
+        splits = max(1, min(64, -(-m // 4096)))
+    per_split = -(-m // splits)
+    rows_per_split = -(-per_split // block_m) * block_m
+    splits = -(-m // rows_per_split)
     taps = ksize * ksize
     # One split stores dW itself, in grad's dtype (no reduction, no cast launches); more store
     # fp32 partials, summed in a fixed order.
@@ -259,7 +260,7 @@ def conv_wgrad(
     else:
         part = torch.empty((splits, c_out, cin_pg, ksize, ksize), dtype=part_dtype, device=v.device)
     pro = prologue or GradPrologue(grad, scale, scale, scale)
-    grid = (groups * cdiv(cout_pg, block_k), cdiv(cin_pg, block_c), splits * taps)
+    grid = (groups * -(-cout_pg // block_k), -(-cin_pg // block_c), splits * taps)
     launch(_conv_wgrad_kernel, grid, v,
            grad, pro.y, pro.a, pro.b, pro.c, v, scale, shift, part,
            m, c_out, c_in, cin_pg, cout_pg, h, w, h_out, w_out, rows_per_split,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import cdiv, launch
+from .launch import launch
 
 __all__ = ["bn_relu_apply"]
 
@@ -37,6 +37,6 @@ def bn_relu_apply(x: Tensor, scale: Tensor, shift: Tensor, block_m: int = 64, bl
     n, c, h, w = x.shape
     out = torch.empty_like(x, memory_format=torch.channels_last)
     m = n * h * w
-    launch(_bn_relu_apply_kernel, (cdiv(m, block_m), cdiv(c, block_c)), x,
+    launch(_bn_relu_apply_kernel, (-(-m // block_m), -(-c // block_c)), x,
            x, scale, shift, out, m, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return out

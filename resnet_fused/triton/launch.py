@@ -30,7 +30,7 @@ from triton import knobs
 from triton.runtime.jit import JITFunction
 
 __all__ = ["FAST_LANE_ENV", "FAST_LANE_VERSIONS", "device_guard", "fast_lane_enabled", "fast_lane_entries",
-           "cdiv", "launch", "launch_counts", "reset_fast_lane", "reset_launch_counts", "signature_key", "skip_kernels"]
+           "launch", "launch_counts", "reset_fast_lane", "reset_launch_counts", "signature_key", "skip_kernels"]
 
 _LAUNCHES: Counter = Counter()
 _SCOPE = "resnet_fused::triton_launch::"  # launch_count.TRITON_SCOPE
@@ -45,14 +45,11 @@ FAST_LANE_VERSIONS = frozenset({(3, 6), (3, 7), (3, 8)})
 _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
+# Launchers compute their grids with -(-a // b), not triton.cdiv: that is a constexpr function in
+# triton 3.6-3.8 (it unwraps its arguments on every call), about 2 us a call on a CPU, and a
+# ResNet-50 training step computes a few hundred grids.
+
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for host-side grid arithmetic. ``triton.cdiv`` is a constexpr function in
-    triton 3.6-3.8 (it unwraps constexpr arguments on every call), about 2 us a call on a CPU:
-    a ResNet-50 training step computes a few hundred grids."""
-    return -(-a // b)
 
 
 def _current_stream(device: int) -> int:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import cdiv, launch
+from .launch import launch
 
 __all__ = ["postact_out", "postact_out_backward"]
 
@@ -118,7 +118,7 @@ def postact_out(y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor, sc_scale: O
     m = n * h * w
     out = torch.empty_like(y, memory_format=torch.channels_last)
     proj = sc_scale is not None
-    launch(_postact_out_kernel, (cdiv(m, block_m), cdiv(c, block_c)), y,
+    launch(_postact_out_kernel, (-(-m // block_m), -(-c // block_c)), y,
            y, sc, scale, shift, sc_scale if proj else scale, sc_shift if proj else shift, out, m, c,
            PROJ=proj, BLOCK_M=block_m, BLOCK_C=block_c)
     return out
@@ -135,12 +135,12 @@ def postact_out_backward(
     _check(y, sc)
     n, c, h, w = y.shape
     m = n * h * w
-    p = cdiv(m, block_m)
+    p = -(-m // block_m)
     out = torch.empty_like(y, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c), dtype=scale.dtype, device=y.device)
     proj = sc_scale is not None
     sc_part = torch.empty((2, p, c), dtype=scale.dtype, device=y.device) if proj else None
-    launch(_postact_out_backward_kernel, (p, cdiv(c, block_c)), y,
+    launch(_postact_out_backward_kernel, (p, -(-c // block_c)), y,
            grad, y, sc, scale, shift, sc_scale if proj else scale, sc_shift if proj else shift,
            mean, invstd, sc_mean if proj else mean, sc_invstd if proj else invstd,
            out, part, sc_part if proj else part, m, c,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..kernel_set import GradPrologue
 from .conv import _dot, _zero_acc, dot_precision
-from .launch import cdiv, launch
+from .launch import launch
 
 __all__ = ["plain_conv_wgrad"]
 
@@ -90,15 +90,16 @@ def plain_conv_wgrad(
     if m == 0:
         return torch.zeros((c_out, c_in, ksize, ksize), dtype=grad.dtype, device=grad.device)
     if splits is None:
-        splits = max(1, min(64, cdiv(m, 4096)))
-    rows_per_split = cdiv(cdiv(m, splits), block_m) * block_m
-    splits = cdiv(m, rows_per_split)
+        splits = max(1, min(64, -(-m // 4096)))
+    per_split = -(-m // splits)
+    rows_per_split = -(-per_split // block_m) * block_m
+    splits = -(-m // rows_per_split)
     taps = ksize * ksize
     ct = prologue.a.dtype if prologue is not None else stats_dtype
     part = torch.empty((splits, taps, c_out, c_in), dtype=ct, device=x.device)
     coeff = torch.empty((1,), dtype=ct, device=x.device)
     pro = prologue or GradPrologue(grad, coeff, coeff, coeff)
-    grid = (cdiv(c_out, block_k), cdiv(c_in, block_c), splits * taps)
+    grid = (-(-c_out // block_k), -(-c_in // block_c), splits * taps)
     launch(_plain_wgrad_kernel, grid, x,
            grad, pro.y, pro.a, pro.b, pro.c, x.to(grad.dtype), part,
            m, c_out, c_in, h, w, h_out, w_out, rows_per_split,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import cdiv, launch
+from .launch import launch
 
 __all__ = ["channel_stats_partials", "bn_finalize", "bn_finalize_stats", "new_partials", "split_grid",
            "stats_dtype", "SPLIT_TARGET_PROGRAMS"]
@@ -239,9 +239,9 @@ def channel_stats_partials(x: Tensor, block_m: int = 128, block_c: int = 64) -> 
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     m = n * h * w
-    n_tiles = cdiv(m, block_m)
+    n_tiles = -(-m // block_m)
     part = new_partials(n_tiles, c, x.device, x.dtype)
-    launch(_channel_stats_partial_kernel, (n_tiles, cdiv(c, block_c)), x,
+    launch(_channel_stats_partial_kernel, (n_tiles, -(-c // block_c)), x,
            x, part, m, c, c, BLOCK_M=block_m, BLOCK_C=block_c)
     return part
 
@@ -309,7 +309,7 @@ def bn_finalize_stats(
         part_arg, p = _merge_chunks(part, p, c)
     dummy = out
     mom_hi, mom_mid, mom_lo = _momentum_terms(momentum, update and running_mean.dtype == torch.float64)
-    grid = (1 if cumulative else cdiv(c, block_c),)
+    grid = (1 if cumulative else -(-c // block_c),)
     launch(_bn_finalize_kernel, grid, out,
            part_arg, weight if weight is not None else dummy, bias if bias is not None else dummy, out,
            running_mean if running_mean is not None and running_mean.numel() else dummy,
