@@ -281,3 +281,24 @@ def test_closing_conv_bad_input_raises_clear_error(kernels, ops, gen):
         kernels.bn_relu_conv(h, w, postact_close=True, shortcut=x[:, :4], shortcut_kind=kernels.SHORTCUT_PROJECTION,
                              proj_weight=w[:, :4], proj_scale=one[:4], proj_shift=zero[:4], post_scale=one,
                              post_shift=zero)
+
+
+def test_opcheck_closing_conv_and_channels_last_wgrad(ops, gen):
+    """opcheck (schema, fake, dispatch) of the two keywords the post-activation path adds:
+    ``conv_fwd_cuda(..., postact_close=True)`` (identity and projection, norms from running
+    statistics) and ``conv_wgrad_cuda(..., channels_last=True)``."""
+    h = _data(gen, (2, 6, 5, 5), torch.float32)
+    w = torch.randn(8, 6, 1, 1, generator=gen, dtype=torch.float64).float()
+    x = _data(gen, (2, 8, 5, 5), torch.float32)
+    xs = _data(gen, (2, 4, 9, 9), torch.float32)
+    pw = torch.randn(8, 4, 1, 1, generator=gen, dtype=torch.float64).float()
+    wt, b, m, v = _eval_norm(gen, 8, torch.float32)
+    pwt, pb, pm, pv = _eval_norm(gen, 8, torch.float32)
+    identity = (h, w, None, None, 1, 1, x, 1, 1, None, None, None, False, wt, b, 0,
+                None, None, 0.0, None, None, 0.0, m, v, 1e-5, True)
+    proj = (h, w, None, None, 1, 1, xs, 2, 2, pw, pwt, pb, False, wt, b, 0,
+            None, None, 0.0, pm, pv, 1e-5, m, v, 1e-5, True)
+    for args in (identity, proj):
+        torch.library.opcheck(ops.conv_fwd_cuda, args)
+    g = _data(gen, (2, 8, 5, 5), torch.float32)
+    torch.library.opcheck(ops.conv_wgrad_cuda, (g, h, None, None, 3, 1, 1, None, None, None, None, 2, True))
