@@ -177,8 +177,7 @@ def fits(config, dtype: torch.dtype, device: torch.device) -> bool:
     limit = configs._shared_memory_limit(device)
     if isinstance(config, configs.ConvConfig):
         return configs.shared_memory_bytes(config, element) <= limit
-    as_conv = configs.ConvConfig(config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
-    return configs.shared_memory_bytes(as_conv, element) <= limit
+    return configs.shared_memory_bytes(config, element, backward=True) <= limit
 
 
 class Tuner:

@@ -144,6 +144,11 @@ def test_every_candidate_is_compiled_ahead_of_time():
     for (ksize, sixteen), candidates in configs.TUNE_CONV_CANDIDATES.items():
         for c in candidates:
             assert configs.shared_memory_bytes(c, 2 if sixteen else 4) <= configs.SHARED_MEMORY_LIMITS[(9, 0)]
+    # and every backward candidate, under the backward GEMMs' larger factor
+    for sixteen, candidates in configs.TUNE_BACKWARD_CANDIDATES.items():
+        for c in candidates:
+            assert configs.shared_memory_bytes(c, 2 if sixteen else 4, backward=True) <= \
+                configs.SHARED_MEMORY_LIMITS[(9, 0)], c
 
 
 def test_committed_tables_name_only_candidates():

@@ -114,20 +114,26 @@ def _as_gpu(device: torch.device) -> bool:
 
 
 #: Triton's shared memory over the operand staging alone (layout conversions, the epilogue's
-#: scratch, barriers): the sm_90 compile of every selector config used up to 1.36x the staging
-#: (the AOT test holds every compiled kernel to this estimate).
+#: scratch, barriers): the sm_90 compile of every selector config used up to 1.27x the staging
+#: in the forward GEMM (the AOT test holds every compiled kernel to this estimate).
 SHARED_MEMORY_OVERHEAD = 1.4
+#: The same for the backward GEMMs, which stage a second operand layout (the dgrad's transposed
+#: weight tile, the wgrad's transposed activation): up to 1.78x in the sm_90 compile (the bf16
+#: 128x64x64/4/3 wgrad took 131,072 B over 73,728 B of staging; its dgrad 116,224 B).
+BACKWARD_SHARED_MEMORY_OVERHEAD = 1.8
 
 
-def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_size: int) -> int:
+def shared_memory_bytes(config: Union[ConvConfig, "BackwardConfig"], element_size: int, *,
+                        backward: bool = False) -> int:
     """What a pipelined GEMM of ``config`` takes of shared memory, estimated: num_stages copies
     of the A and B tiles (at least two: an unpipelined triton 3.6 GEMM still takes two, the
-    fp64 16x16x16/4/1 forward 8,192 B), times :data:`SHARED_MEMORY_OVERHEAD`. A BackwardConfig's
-    tiles are its dgrad's (block_m x block_k and block_k x block_n; its wgrad stages the same
-    sizes)."""
+    fp64 16x16x16/4/1 forward 8,192 B), times :data:`SHARED_MEMORY_OVERHEAD`, or with
+    ``backward`` (the dgrad and wgrad of a BackwardConfig) :data:`BACKWARD_SHARED_MEMORY_OVERHEAD`.
+    A BackwardConfig's tiles are its dgrad's (block_m x block_k and block_k x block_n; its wgrad
+    stages the same sizes)."""
     copies = max(config.num_stages, 2)
     staging = copies * (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
-    return int(staging * SHARED_MEMORY_OVERHEAD)
+    return int(staging * (BACKWARD_SHARED_MEMORY_OVERHEAD if backward else SHARED_MEMORY_OVERHEAD))
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -264,10 +270,12 @@ def backward_config(dtype: torch.dtype, device: torch.device, *, direction: Opti
     # A tuned or default config that would not fit this device's shared memory falls back to
     # the smallest candidate that does.
     for config in ([measured] if measured is not None else []) + [BACKWARD_GPU_CONFIGS[sixteen]]:
-        if shared_memory_bytes(config, dtype.itemsize) <= limit:
+        if shared_memory_bytes(config, dtype.itemsize, backward=True) <= limit:
             return config
-    fitting = [c for c in TUNE_BACKWARD_CANDIDATES[sixteen] if shared_memory_bytes(c, dtype.itemsize) <= limit]
-    return min(fitting or TUNE_BACKWARD_CANDIDATES[sixteen], key=lambda c: shared_memory_bytes(c, dtype.itemsize))
+    fitting = [c for c in TUNE_BACKWARD_CANDIDATES[sixteen]
+               if shared_memory_bytes(c, dtype.itemsize, backward=True) <= limit]
+    return min(fitting or TUNE_BACKWARD_CANDIDATES[sixteen],
+               key=lambda c: shared_memory_bytes(c, dtype.itemsize, backward=True))
 
 
 def stats_config(device: torch.device) -> StatsConfig:
