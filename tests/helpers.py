@@ -9,21 +9,11 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from resnet_fused.parity import MAX_SPREAD_FACTOR, UNIT_ROUNDOFF, rel_err, tolerance  # noqa: F401 (the rule)
 from resnet_fused.triton.configs import BackwardConfig, StatsConfig
 from resnet_fused.triton.conv import ConvConfig
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
-    """||actual - expected|| / max(||expected||, scale) in float64 (NaN anywhere fails).
-
-    ``scale``: the size of the quantity ``expected`` is a small remainder of, where it cancels
-    by construction (a train-mode BN's dbeta: see ``block_cases.check_backward``)."""
-    a, e = actual.double(), expected.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - e).norm() / max(e.norm().item(), scale, 1e-300)).item()
 
 
 def randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -68,18 +58,11 @@ def randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
 # module turns both flags off for the test process (every parity test imports it), and
 # ``assert_parity`` refuses an fp32 comparison of CUDA tensors made while either flag allows
 # TF32, so a test that turns TF32 on must do its comparisons under ``tf32_off()``.
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24,
-                 torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-#: The ceiling on a widened bound: spread counts at most this many times eager's own error.
-MAX_SPREAD_FACTOR = 4.0
 
 #: When a list, every ``assert_parity`` call appends (what, dtype, fused err, eager err, bound):
 #: how the suite's worst fused/eager ratio is measured (scripts outside pytest set it).
 PARITY_LOG: Optional[list] = None
 
-
-def tolerance(dtype: torch.dtype, eager_err: float) -> float:
-    return 2.0 * eager_err + 2.0 * UNIT_ROUNDOFF[dtype]
 
 
 def tf32_allowed() -> bool:

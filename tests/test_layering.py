@@ -24,6 +24,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "resnet_fused.macs": (0, "macs"),
     "resnet_fused.tuned": (0, "tuned"),
     "resnet_fused._extension": (0, "_extension"),
+    "resnet_fused.parity": (0, "parity"),
     # 1: the backend= keyword and the auto table
     "resnet_fused.backends": (1, "backends"),
     # 2: each backend's kernels and kernel set; the block orchestration over a kernel set
