@@ -241,6 +241,8 @@ class _FusedBlock:
 
     def _eager_call(self, x: Tensor) -> Tensor:
         """The module forward outside TorchScript and FX."""
+        if self.backend == "reference":  # never fused; its chain need not be fusable (no plan)
+            return self._reference_forward(x)
         plan = self._plan(x, None, False)
         if plan.backend is None:
             return self._reference_forward(x)

@@ -672,3 +672,24 @@ def test_public_convert_lists_unfusable_postact_blocks():
         rf.convert(model, backend="triton")
     info = rf.describe(model, as_dict=True)
     assert info["layer2.0"]["fused"] is False and info["layer2.1"]["fused"] is True
+
+
+def test_reference_backend_block_takes_any_downsample(gen):
+    """``backend="reference"`` is the eager block whatever it holds: an average-pool shortcut
+    (ResNet-D), which the fused kernels do not compute, trains like torchvision's block with the
+    same weights (no plan, no fusability check on the call)."""
+    def downsample():
+        return nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+
+    torch.manual_seed(0)
+    eager = tvr.Bottleneck(16, 8, stride=2, downsample=downsample())
+    block = rf.FusedPostActBottleneck(16, 8, stride=2, downsample=downsample(), backend="reference")
+    block.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 16, 8, 8, generator=gen)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [m(t) for m, t in zip((eager, block), xs)]
+    for o in outs:
+        o.square().sum().backward()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+    torch.testing.assert_close(block.downsample[2].running_mean, eager.downsample[2].running_mean, rtol=0, atol=0)
