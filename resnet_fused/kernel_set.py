@@ -24,11 +24,19 @@ import torch
 from torch import Tensor
 
 __all__ = ["Affine", "BNBackward", "GradPrologue", "KernelSet", "NormInputs", "SavedNorm", "SHORTCUT_NONE",
-           "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "stats_dtype"]
+           "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "channels_last_weight", "stats_dtype"]
 
 #: The forward conv's shortcut kinds: none, add (identity, or TF-slim's subsample x[:, :, ::s, ::s])
 #: into the accumulator, projection (a second K-loop over relu(bn1(x)) times the 1x1 weights).
 SHORTCUT_NONE, SHORTCUT_ADD, SHORTCUT_PROJECTION = 0, 1, 2
+
+
+def channels_last_weight(weight: Tensor) -> bool:
+    """Whether a weight is stored channels_last (a model after ``.to(memory_format=
+    torch.channels_last)``; a 1x1 is both layouts at once): its gradient is made that way, so
+    autograd's accumulation needs no layout copy."""
+    return weight.shape[-1] > 1 and weight.is_contiguous(memory_format=torch.channels_last) \
+        and not weight.is_contiguous()
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..kernel_set import BNBackward, GradPrologue, SavedNorm
+from ..kernel_set import BNBackward, GradPrologue, SavedNorm, channels_last_weight
 from . import kernels
 
 __all__ = ["CUDA", "CudaKernels"]
@@ -88,9 +88,8 @@ class CudaKernels:
     def plain_conv_wgrad(self, grad: Tensor, x: Tensor, weight: Tensor, *, stride: int,
                          prologue: Optional[GradPrologue]) -> Tensor:
         # A channels_last 3x3 weight gets its gradient in its own layout (no copy in the op).
-        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         return kernels.plain_conv_wgrad(grad, x, ksize=weight.shape[-1], stride=stride, prologue=prologue,
-                                        channels_last=channels_last)
+                                        channels_last=channels_last_weight(weight))
 
 
 CUDA = CudaKernels()

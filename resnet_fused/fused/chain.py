@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernel_set import Affine, BNBackward, GradPrologue, KernelSet, NormInputs, SavedNorm, stats_dtype
+from ..kernel_set import (Affine, BNBackward, GradPrologue, KernelSet, NormInputs, SavedNorm, channels_last_weight,
+                          stats_dtype)
 
 __all__ = ["norm_affine", "materialized", "prologue_args", "post_args", "fused_3x3", "act_conv", "Projection",
-           "act_conv_backward", "coefficients", "aten_conv_backward", "grad_prologue", "channels_last_weight"]
+           "act_conv_backward", "coefficients", "aten_conv_backward", "grad_prologue"]
 
 
 def norm_affine(kernels: KernelSet, part: Optional[Tensor], norm: NormInputs, of: Tensor,
@@ -100,13 +101,6 @@ def act_conv(kernels: KernelSet, x: Tensor, weight: Tensor, affine: Optional[Aff
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
-
-
-def channels_last_weight(weight: Tensor) -> bool:
-    """Whether a weight is stored channels_last (a model after ``.to(memory_format=
-    torch.channels_last)``; a 1x1 is both layouts at once): its gradient is made that way."""
-    return weight.shape[-1] > 1 and weight.is_contiguous(memory_format=torch.channels_last) \
-        and not weight.is_contiguous()
 
 
 def aten_conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, stride: int, groups: int,

@@ -63,7 +63,7 @@ from torch import Tensor
 from .. import reference
 from ..fused import backward as fused_backward
 from ..fused import forward as fused_forward
-from ..kernel_set import KernelSet
+from ..kernel_set import KernelSet, channels_last_weight
 from ..macs import conv_macs, register_conv_macs
 from ._saved import load_saved, save_named
 
@@ -263,7 +263,7 @@ def _like_weight(grad: Tensor, weight: Tensor) -> Tensor:
     the fake (``empty_like(weight)``) says: a channels_last model (``model.to(memory_format=
     torch.channels_last)``, the fast path) gets channels_last 3x3 gradients, so autograd's
     gradient accumulation needs no layout copy per weight and step."""
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+    if channels_last_weight(weight):
         return grad.contiguous(memory_format=torch.channels_last)
     return grad.contiguous()
 
