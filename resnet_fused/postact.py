@@ -106,6 +106,9 @@ class _PostActBlock(_FusedBlock, nn.Module):
                              f"{x.shape[1]} (shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        # Once per call signature (the plan): the downsample is still a fusable projection, so
+        # the per-call accessors below may index it without checking.
+        downsample_parts(self.downsample)
 
     # --- eager ---------------------------------------------------------------------------
     def _reference_forward(self, x: Tensor) -> Tensor:
@@ -119,17 +122,27 @@ class _PostActBlock(_FusedBlock, nn.Module):
         return F.relu(h + sc)
 
     # --- the chain, as the fused-block base reads it ----------------------------------------
+    def _projection(self) -> Optional[nn.Sequential]:
+        """The downsample, a Sequential(Conv2d 1x1, norm) checked at construction and once per
+        call signature (``_check_input``); per call only its form is looked at (anything else
+        gets ``downsample_parts``'s error)."""
+        ds = self.downsample
+        if ds is None or (type(ds) is nn.Sequential and len(ds) == 2):
+            return ds
+        downsample_parts(ds)  # raises, saying what is fused
+        return ds
+
     def _norms(self) -> list[nn.Module]:
         norms = [norm for _, norm in self._chain()]
-        parts = downsample_parts(self.downsample)
-        return norms + ([parts[1]] if parts is not None else [])
+        ds = self._projection()
+        return norms + [ds[1]] if ds is not None else norms
 
     def _conv_weights(self) -> list[Tensor]:
         return [conv.weight for conv, _ in self._chain()]
 
     def _proj_weight(self) -> Optional[Tensor]:
-        parts = downsample_parts(self.downsample)
-        return parts[0].weight if parts is not None else None
+        ds = self._projection()
+        return ds[0].weight if ds is not None else None
 
     @staticmethod
     def _trains(norm: nn.Module) -> bool:
