@@ -19,8 +19,10 @@ models (training step, train forward, eval forward) at a 2x3x32x32 input, for
   this smallest input): its time is host time plus a small CPU compute time, an upper bound of
   eager's host time;
 * ``triton``: the fused block or model, kernels skipped as above;
-* ``cuda``: not measured: the CUDA C++ backend's ops have no skip switch and run their kernels
-  (emulated on a CPU), so their time would not be host time.
+* ``cuda``: the same on the CUDA C++ backend, at the ``count`` level only
+  (``cuda.kernels.skip_kernels``): each C++ op's registered fake runs in its place (the outputs'
+  allocation stays), so the op's own dispatch, input checks and launch (a few microseconds per
+  op on a GPU host) are not in it. Skipped when the extension is not built.
 
 Pre-activation (``resnet_v2_50``, ``resnet_v2_152``, ``FusedBottleneck``) and post-activation
 (torchvision ``resnet50`` converted, ``FusedPostActBottleneck``). Each number is the median
@@ -45,6 +47,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 import resnet_fused as rf  # noqa: E402
+from resnet_fused import _extension  # noqa: E402
+from resnet_fused.cuda import kernels as cuda_kernels  # noqa: E402
 from resnet_fused.triton import launch as triton_launch  # noqa: E402
 
 MODELS = ("resnet_v2_50", "torchvision_resnet50", "resnet_v2_152")
@@ -54,24 +58,26 @@ MODEL_MODES = ("train_step", "train_fwd", "eval_fwd")
 LEVELS = ("triton", "count")
 
 
-def _model(name: str, fused: bool) -> torch.nn.Module:
+def _model(name: str, backend: str) -> torch.nn.Module:
+    """The model on ``backend`` ("reference": eager)."""
     torch.manual_seed(0)
     if name == "torchvision_resnet50":
         model = torchvision.models.resnet50()
-        return rf.convert(model, backend="triton") if fused else model
-    return rf.create_model(name, backend="triton" if fused else "reference")
+        return rf.convert(model, backend=backend) if backend != "reference" else model
+    return rf.create_model(name, backend=backend)
 
 
-def _block(name: str, fused: bool) -> tuple[torch.nn.Module, torch.Size]:
+def _block(name: str, backend: str) -> tuple[torch.nn.Module, torch.Size]:
+    """The block on ``backend`` ("reference": eager) and its input shape."""
     torch.manual_seed(0)
-    backend = "triton" if fused else "reference"
+    fused = backend != "reference"
     if name == "FusedBottleneck(256, 256)":
         return rf.FusedBottleneck(256, 256, backend=backend), (2, 256, 8, 8)
     if name == "FusedBottleneck(256, 512, stride=2)":
         return rf.FusedBottleneck(256, 512, stride=2, backend=backend), (2, 256, 8, 8)
     if name == "FusedPostActBottleneck(256, 64)":
         if fused:
-            return rf.FusedPostActBottleneck(256, 64, backend="triton"), (2, 256, 8, 8)
+            return rf.FusedPostActBottleneck(256, 64, backend=backend), (2, 256, 8, 8)
         return torchvision.models.resnet.Bottleneck(256, 64), (2, 256, 8, 8)
     raise ValueError(f"unknown block {name!r}; known: {', '.join(BLOCKS)}")
 
@@ -105,37 +111,48 @@ def _median_ms(run: Callable[[], None], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _time(module: torch.nn.Module, shape: Sequence[int], mode: str, repeats: int, level: Optional[str]) -> float:
+def _skip(impl: str, level: Optional[str]):
+    if level is None:
+        return contextlib.nullcontext()
+    return cuda_kernels.skip_kernels() if impl == "cuda" else triton_launch.skip_kernels(level)
+
+
+def _time(module: torch.nn.Module, shape: Sequence[int], mode: str, repeats: int, impl: str,
+          level: Optional[str]) -> float:
     x = torch.randn(*shape)
     if mode in ("train_step", "train_fwd") and shape[1] != 3:
         x.requires_grad_(True)  # a block inside a network: its input gradient is computed
-    skip = triton_launch.skip_kernels(level) if level else contextlib.nullcontext()
-    with skip:
+    with _skip(impl, level):
         return _median_ms(_step(module, x, mode), repeats)
+
+
+def _impls() -> list[tuple[str, Optional[str]]]:
+    """(impl, skip level) of every row kind: eager (kernels run), triton at each level, cuda at
+    ``count`` where the extension is built."""
+    out = [("eager", None)] + [("triton", level) for level in LEVELS]
+    return out + [("cuda", "count")] if _extension.is_available() else out
 
 
 def measure(models: Sequence[str], blocks: Sequence[str], repeats: int) -> list[dict]:
     """Rows ``{kind, name, mode, impl, level, ms}``: eager with its kernels run, triton at each
-    skip level."""
+    skip level, cuda at ``count`` (when built)."""
     rows = []
+    impls = _impls()
 
     def add(kind, name, mode, impl, level, ms):
         rows.append(dict(kind=kind, name=name, mode=mode, impl=impl, level=level, ms=round(ms, 3)))
 
-    for name in blocks:
-        eager, shape = _block(name, fused=False)
-        fused, _ = _block(name, fused=True)
-        for mode in BLOCK_MODES:
-            add("block", name, mode, "eager", "kernels run", _time(eager, shape, mode, repeats, None))
-            for level in LEVELS:
-                add("block", name, mode, "triton", level, _time(fused, shape, mode, repeats, level))
-    for name in models:
-        eager, fused = _model(name, fused=False), _model(name, fused=True)
-        modes = MODEL_MODES
-        for mode in modes:
-            add("model", name, mode, "eager", "kernels run", _time(eager, (2, 3, 32, 32), mode, repeats, None))
-            for level in LEVELS:
-                add("model", name, mode, "triton", level, _time(fused, (2, 3, 32, 32), mode, repeats, level))
+    for kind, names, modes in (("block", blocks, BLOCK_MODES), ("model", models, MODEL_MODES)):
+        for name in names:
+            built = {}
+            for impl in dict.fromkeys(i for i, _ in impls):
+                backend = "reference" if impl == "eager" else impl
+                built[impl] = _block(name, backend) if kind == "block" else (_model(name, backend), (2, 3, 32, 32))
+            for mode in modes:
+                for impl, level in impls:
+                    module, shape = built[impl]
+                    add(kind, name, mode, impl, level or "kernels run",
+                        _time(module, shape, mode, repeats, impl, level))
     return rows
 
 
@@ -156,9 +173,10 @@ def format_table(rows: list[dict]) -> str:
                 label = "run" if impl == "eager" else f"skip:{level}"
                 out.append(f"{name:<40}{impl:<8}{label:<13}{cells}")
         out.append("")
+    cuda = ("cuda skip:count = each C++ op's fake in its place (no op dispatch or launch)." if _extension.is_available()
+            else f"cuda: not measured ({_extension.unavailable_reason()}).")
     out.append("eager: its kernels run (CPU, smallest input). triton skip:triton = empty grids through Triton's "
-               "launch path (the interpreter's); skip:count = returned before Triton. cuda: not measured "
-               "(its C++ ops cannot be skipped).")
+               "launch path (the interpreter's); skip:count = returned before Triton. " + cuda)
     return "\n".join(out)
 
 

@@ -16,7 +16,7 @@ import importlib
 import threading
 from types import ModuleType
 
-__all__ = ["load", "is_available", "unavailable_reason", "require", "wmma_host_counts", "bn_reduce_grid"]
+__all__ = ["load", "is_available", "unavailable_reason", "require", "wmma_host_counts", "bn_reduce_grid", "FAKES"]
 
 _BUILD_HINT = (
     "Build it with a CUDA toolkit installed (no GPU needed): "
@@ -58,6 +58,9 @@ def conv_fwd_tiles_m(n: int, h_out: int, w_out: int, ksize: int) -> int:
     return n * ((h_out + tile - 1) // tile) * ((w_out + tile - 1) // tile)
 
 _lock = threading.Lock()
+#: The fake (shape and dtype only) implementation of each C++ op by name, as registered: also
+#: what ``cuda.kernels.skip_kernels`` calls in place of the op (host-overhead measurement).
+FAKES: dict = {}
 _attempted = False
 _module: ModuleType | None = None
 _reason: str | None = None
@@ -146,7 +149,14 @@ def _register_fakes() -> None:
         if not hasattr(torch.ops.resnet_fused, name):
             raise RuntimeError(f"torch.ops.resnet_fused.{name} is missing: the build is stale, rebuild it")
 
-    @torch.library.register_fake("resnet_fused::bn_stats_cuda")
+    def _fake(name: str):
+        def register(fn):
+            torch.library.register_fake(f"resnet_fused::{name}")(fn)
+            FAKES[name] = fn
+            return fn
+        return register
+
+    @_fake("bn_stats_cuda")
     def _bn_stats_cuda_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch._check(x.dim() == 4, lambda: f"resnet_fused.bn_stats: x must be 4-D (N, C, H, W), got {x.dim()}-D")
         channels = x.shape[1]
@@ -164,7 +174,7 @@ def _register_fakes() -> None:
     def _nhwc_empty(shape, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
-    @torch.library.register_fake("resnet_fused::conv_fwd_cuda")
+    @_fake("conv_fwd_cuda")
     def _conv_fwd_cuda_fake(x, w, scale, shift, stride, groups, shortcut, shortcut_kind, shortcut_stride,
                             proj_w, proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo=0,
                             pro_mean=None, pro_var=None, pro_eps=0.0, proj_mean=None, proj_var=None, proj_eps=0.0,
@@ -182,7 +192,7 @@ def _register_fakes() -> None:
             partials = x.new_empty((0,), dtype=acc)
         return out, partials
 
-    @torch.library.register_fake("resnet_fused::conv_dgrad_cuda")
+    @_fake("conv_dgrad_cuda")
     def _conv_dgrad_cuda_fake(grad, w, v, scale, shift, mean, invstd, stride, groups, pro_y, pro_a, pro_b, pro_c,
                               second_grad, second_w, second_stride):
         torch._check(grad.dim() == 4 and v.dim() == 4,
@@ -192,7 +202,7 @@ def _register_fakes() -> None:
         tiles = (n * h * wd + CONV_TILE_M - 1) // CONV_TILE_M
         return out, grad.new_empty((2, tiles, c_in), dtype=_acc_dtype(grad.dtype))
 
-    @torch.library.register_fake("resnet_fused::conv_wgrad_cuda")
+    @_fake("conv_wgrad_cuda")
     def _conv_wgrad_cuda_fake(grad, v, scale, shift, ksize, stride, groups, pro_y, pro_a, pro_b, pro_c,
                               splits=0, channels_last=False):
         torch._check(grad.dim() == 4 and v.dim() == 4,
@@ -200,7 +210,7 @@ def _register_fakes() -> None:
         dw = grad.new_empty((grad.shape[1], v.shape[1] // groups, ksize, ksize))
         return dw.contiguous(memory_format=torch.channels_last) if channels_last else dw
 
-    @torch.library.register_fake("resnet_fused::bn_relu_apply_cuda")
+    @_fake("bn_relu_apply_cuda")
     def _bn_relu_apply_cuda_fake(x, scale, shift):
         return _nhwc_empty(x.shape, x)
 
@@ -208,19 +218,19 @@ def _register_fakes() -> None:
         n, _, h, wd = t.shape
         return (n * h * wd + CONV_TILE_M - 1) // CONV_TILE_M
 
-    @torch.library.register_fake("resnet_fused::relu_grad_sums_cuda")
+    @_fake("relu_grad_sums_cuda")
     def _relu_grad_sums_cuda_fake(grad, extra, v, scale, shift, mean, invstd):
         return _nhwc_empty(v.shape, grad), grad.new_empty((2, _tiles(v), v.shape[1]), dtype=_acc_dtype(grad.dtype))
 
-    @torch.library.register_fake("resnet_fused::bn_backward_apply_cuda")
+    @_fake("bn_backward_apply_cuda")
     def _bn_backward_apply_cuda_fake(g, v, a, b, c, shortcut_grad, shortcut_stride):
         return _nhwc_empty(v.shape, v)
 
-    @torch.library.register_fake("resnet_fused::stats_partials_cuda")
+    @_fake("stats_partials_cuda")
     def _stats_partials_cuda_fake(x):
         return x.new_empty((3, _tiles(x), x.shape[1]), dtype=_acc_dtype(x.dtype))
 
-    @torch.library.register_fake("resnet_fused::bn_finalize_cuda")
+    @_fake("bn_finalize_cuda")
     def _bn_finalize_cuda_fake(part, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum,
                                update, from_running, dtype=None):
         if from_running:
@@ -231,18 +241,18 @@ def _register_fakes() -> None:
                      lambda: "resnet_fused.bn_finalize: part must be [3, P, C]")
         return part.new_empty((5, part.shape[2]))
 
-    @torch.library.register_fake("resnet_fused::bn_backward_coefficients_cuda")
+    @_fake("bn_backward_coefficients_cuda")
     def _bn_backward_coefficients_cuda_fake(part, weight, mean, invstd, count, training):
         torch._check(part.dim() == 3, lambda: "resnet_fused.bn_backward_coefficients: part must be [2, P, C]")
         channels = part.shape[2]
         return tuple(part.new_empty((channels,)) for _ in range(5))
 
-    @torch.library.register_fake("resnet_fused::postact_out_cuda")
+    @_fake("postact_out_cuda")
     def _postact_out_cuda_fake(y, scale, shift, sc, sc_scale, sc_shift):
         torch._check(y.dim() == 4, lambda: "resnet_fused.postact_out: y must be 4-D")
         return _nhwc_empty(y.shape, y)
 
-    @torch.library.register_fake("resnet_fused::postact_out_backward_cuda")
+    @_fake("postact_out_backward_cuda")
     def _postact_out_backward_cuda_fake(grad, y, scale, shift, mean, invstd, sc, sc_scale, sc_shift, sc_mean,
                                         sc_invstd):
         torch._check(y.dim() == 4, lambda: "resnet_fused.postact_out_backward: y must be 4-D")

@@ -17,9 +17,11 @@ halo-staged kernel for stride 1 and 2, the C++ launcher's rule), "per_tap" or "h
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from typing import Optional
+from types import SimpleNamespace
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +32,7 @@ from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, BNBac
 __all__ = ["SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "GradPrologue", "bn_relu_conv", "conv_dgrad",
            "conv_wgrad", "bn_relu_apply", "relu_grad_sums", "bn_backward_apply", "channel_stats_partials",
            "finalize_stats", "bn_backward_coefficients", "postact_out", "postact_out_backward", "plain_conv_wgrad",
-           "launch_counts", "reset_launch_counts"]
+           "launch_counts", "reset_launch_counts", "skip_kernels"]
 
 
 _LAUNCHES: Counter = Counter()
@@ -45,9 +47,34 @@ def reset_launch_counts() -> None:
     _LAUNCHES.clear()
 
 
+#: Whether the innermost :func:`skip_kernels` is active.
+_SKIP: list[bool] = [False]
+_FAKE_OPS: Optional[SimpleNamespace] = None
+
+
 def _ops():
     _extension.require("the CUDA backend (resnet_fused.cuda)")
+    if _SKIP[-1]:
+        return _FAKE_OPS
     return torch.ops.resnet_fused
+
+
+@contextlib.contextmanager
+def skip_kernels() -> Iterator[None]:
+    """Call each C++ op's registered fake instead of the op: the outputs have the op's shapes,
+    dtypes and layouts and stay uninitialised, and the launch is still counted. For host-overhead
+    measurement (``benchmarks/host_overhead.py``): what remains is the package's host time for
+    the CUDA backend (orchestration, casts, argument packing, allocation), without the op's own
+    dispatch, input checks and ``cudaLaunchKernel`` (a few microseconds each on a GPU host)."""
+    global _FAKE_OPS
+    _extension.require("the CUDA backend (resnet_fused.cuda)")
+    if _FAKE_OPS is None:
+        _FAKE_OPS = SimpleNamespace(**_extension.FAKES)
+    _SKIP.append(True)
+    try:
+        yield
+    finally:
+        _SKIP.pop()
 
 
 # ConvFwdAlgo of csrc/cuda/conv_fused.h.
