@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Affine", "BNBackward", "GradPrologue", "KernelSet", "NormInputs", "SavedNorm", "SHORTCUT_NONE",
-           "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "channels_last_weight", "stats_dtype"]
+           "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "as_dtype", "channels_last_weight", "stats_dtype"]
 
 #: The forward conv's shortcut kinds: none, add (identity, or TF-slim's subsample x[:, :, ::s, ::s])
 #: into the accumulator, projection (a second K-loop over relu(bn1(x)) times the 1x1 weights).
@@ -37,6 +37,13 @@ def channels_last_weight(weight: Tensor) -> bool:
     autograd's accumulation needs no layout copy."""
     return weight.shape[-1] > 1 and weight.is_contiguous(memory_format=torch.channels_last) \
         and not weight.is_contiguous()
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, returning ``t`` itself without the call where it has that dtype already
+    (``Tensor.to`` costs about 2 us of host time even when it returns its input, and the launchers
+    cast every data operand to the activation dtype on each launch)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

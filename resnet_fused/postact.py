@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import graph_forward
 from .backends import resolve_backend
-from .modules import _FusedBlock
+from .modules import _FusedBlock, member
 from .ops import postact_blocks as postact_ops
 
 __all__ = ["FusedPostActBottleneck", "FusedPostActBasicBlock", "FusedTimmBottleneck", "FusedTimmBasicBlock",
@@ -82,9 +82,13 @@ class _PostActBlock(_FusedBlock, nn.Module):
     kind = "bottleneck"
     _takes_stats = False
 
-    # Subclasses: the (conv, norm) submodules in chain order.
+    #: Subclasses: the (conv, norm) submodule names in chain order.
+    _CHAIN: tuple[tuple[str, str], ...] = ()
+
     def _chain(self) -> list[tuple[nn.Conv2d, nn.Module]]:
-        raise NotImplementedError
+        """The (conv, norm) submodules in chain order (read from ``_modules``: see ``member``)."""
+        m = self._modules
+        return [(m[conv], m[norm]) for conv, norm in self._CHAIN]
 
     def _check_fusable(self) -> None:
         for i, (conv, norm) in enumerate(self._chain()):
@@ -126,7 +130,7 @@ class _PostActBlock(_FusedBlock, nn.Module):
         """The downsample, a Sequential(Conv2d 1x1, norm) checked at construction and once per
         call signature (``_check_input``); per call only its form is looked at (anything else
         gets ``downsample_parts``'s error)."""
-        ds = self.downsample
+        ds = member(self, "downsample", None)
         if ds is None or (type(ds) is nn.Sequential and len(ds) == 2):
             return ds
         downsample_parts(ds)  # raises, saying what is fused
@@ -138,17 +142,17 @@ class _PostActBlock(_FusedBlock, nn.Module):
         return norms + [ds[1]] if ds is not None else norms
 
     def _conv_weights(self) -> list[Tensor]:
-        return [conv.weight for conv, _ in self._chain()]
+        return [member(conv, "weight") for conv, _ in self._chain()]
 
     def _proj_weight(self) -> Optional[Tensor]:
         ds = self._projection()
-        return ds[0].weight if ds is not None else None
+        return member(ds[0], "weight") if ds is not None else None
 
     @staticmethod
     def _trains(norm: nn.Module) -> bool:
         if is_frozen_norm(norm):
             return False
-        return bool(norm.training or norm.running_mean is None)
+        return bool(norm.training or member(norm, "running_mean", None) is None)
 
     def _kind(self) -> str:
         return f"postact_{self.kind}"
@@ -218,8 +222,7 @@ class FusedPostActBottleneck(_PostActBlock):
         if self.backend != "reference":
             self._check_fusable()
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    _CHAIN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
 class FusedPostActBasicBlock(_PostActBlock):
@@ -247,8 +250,7 @@ class FusedPostActBasicBlock(_PostActBlock):
         if self.backend != "reference":
             self._check_fusable()
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    _CHAIN = (("conv1", "bn1"), ("conv2", "bn2"))
 
 
 def _check_timm_options(act_layer, attn_layer, aa_layer, drop_block, drop_path, dilation, first_dilation) -> None:
@@ -309,8 +311,7 @@ class FusedTimmBottleneck(_PostActBlock):
         if getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    _CHAIN = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
 class FusedTimmBasicBlock(_PostActBlock):
@@ -353,8 +354,7 @@ class FusedTimmBasicBlock(_PostActBlock):
         if getattr(self.bn2, "weight", None) is not None:
             nn.init.zeros_(self.bn2.weight)
 
-    def _chain(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    _CHAIN = (("conv1", "bn1"), ("conv2", "bn2"))
 
 
 def postact_units(batch: int = 256) -> list[dict]:

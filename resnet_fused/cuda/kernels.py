@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, BNBackward, GradPrologue
+from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, BNBackward, GradPrologue, as_dtype
 
 __all__ = ["SHORTCUT_NONE", "SHORTCUT_ADD", "SHORTCUT_PROJECTION", "GradPrologue", "bn_relu_conv", "conv_dgrad",
            "conv_wgrad", "bn_relu_apply", "relu_grad_sums", "bn_backward_apply", "channel_stats_partials",
@@ -91,7 +91,7 @@ def _conv3x3_algo(name: Optional[str]) -> int:
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+    return None if t is None else as_dtype(t, dtype)
 
 
 def _vec(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -110,7 +110,7 @@ def _stats(stats: Optional[tuple]):
 def _prologue(prologue, dtype: torch.dtype):
     if prologue is None:
         return None, None, None, None
-    return prologue.y.to(dtype), prologue.a, prologue.b, prologue.c
+    return as_dtype(prologue.y, dtype), prologue.a, prologue.b, prologue.c
 
 
 def bn_relu_conv(
@@ -165,7 +165,7 @@ def bn_relu_conv(
         proj_scale, proj_shift = _vec(proj_scale), _vec(proj_shift)
     if post_stats is not None:
         post_scale, post_shift = _vec(post_scale), _vec(post_shift)
-    args = (x, weight.to(dtype), scale, shift, stride, groups,
+    args = (x, as_dtype(weight, dtype), scale, shift, stride, groups,
             _cast(shortcut, dtype) if shortcut_kind != SHORTCUT_NONE else None, shortcut_kind, shortcut_stride,
             _cast(proj_weight, dtype), proj_scale, proj_shift, emit_stats, post_scale, post_shift, algo)
     if scale_stats is not None or proj_stats is not None or post_stats is not None or postact_close:
@@ -192,7 +192,7 @@ def conv_dgrad(
     y, a, b, c = _prologue(prologue, dtype)
     _LAUNCHES["conv_dgrad_cuda"] += 1
     return ops.conv_dgrad_cuda(
-        grad, weight.to(dtype), v.to(dtype), scale, shift, mean, invstd, stride, groups, y, a, b, c,
+        grad, as_dtype(weight, dtype), as_dtype(v, dtype), scale, shift, mean, invstd, stride, groups, y, a, b, c,
         _cast(second_grad, dtype), _cast(second_weight, dtype), second_stride)
 
 
@@ -209,7 +209,7 @@ def conv_wgrad(
     dtype = grad.dtype
     y, a, b, c = _prologue(prologue, dtype)
     _LAUNCHES["conv_wgrad_cuda"] += 1
-    return ops.conv_wgrad_cuda(grad, v.to(dtype), scale, shift, ksize, stride, groups, y, a, b, c,
+    return ops.conv_wgrad_cuda(grad, as_dtype(v, dtype), scale, shift, ksize, stride, groups, y, a, b, c,
                                0 if splits is None else splits, channels_last)
 
 
@@ -229,7 +229,7 @@ def relu_grad_sums(grad: Tensor, v: Tensor, scale: Tensor, shift: Tensor, mean: 
     ops = _ops()
     dtype = grad.dtype
     _LAUNCHES["relu_grad_sums_cuda"] += 1
-    return ops.relu_grad_sums_cuda(grad, _cast(extra, dtype), v.to(dtype), scale, shift, mean, invstd)
+    return ops.relu_grad_sums_cuda(grad, _cast(extra, dtype), as_dtype(v, dtype), scale, shift, mean, invstd)
 
 
 def bn_backward_apply(g: Tensor, v: Tensor, coeff, shortcut_grad: Optional[Tensor] = None,
@@ -239,7 +239,7 @@ def bn_backward_apply(g: Tensor, v: Tensor, coeff, shortcut_grad: Optional[Tenso
     ops = _ops()
     dtype = v.dtype
     _LAUNCHES["bn_backward_apply_cuda"] += 1
-    return ops.bn_backward_apply_cuda(g.to(dtype), v, coeff.a, coeff.b, coeff.c, _cast(shortcut_grad, dtype),
+    return ops.bn_backward_apply_cuda(as_dtype(g, dtype), v, coeff.a, coeff.b, coeff.c, _cast(shortcut_grad, dtype),
                                       shortcut_stride)
 
 
@@ -306,7 +306,7 @@ def postact_out(y: Tensor, scale: Tensor, shift: Tensor, sc: Tensor, sc_scale: O
     ops = _ops()
     dtype = y.dtype
     _LAUNCHES["postact_out_cuda"] += 1
-    return ops.postact_out_cuda(y, scale, shift, sc.to(dtype), sc_scale, sc_shift)
+    return ops.postact_out_cuda(y, scale, shift, as_dtype(sc, dtype), sc_scale, sc_shift)
 
 
 def postact_out_backward(
@@ -320,8 +320,8 @@ def postact_out_backward(
     ops = _ops()
     dtype = grad.dtype
     _LAUNCHES["postact_out_backward_cuda"] += 1
-    out, sums, sc_sums = ops.postact_out_backward_cuda(grad, y.to(dtype), scale, shift, mean, invstd, sc.to(dtype),
-                                                       sc_scale, sc_shift, sc_mean, sc_invstd)
+    out, sums, sc_sums = ops.postact_out_backward_cuda(grad, as_dtype(y, dtype), scale, shift, mean, invstd,
+                                                       as_dtype(sc, dtype), sc_scale, sc_shift, sc_mean, sc_invstd)
     return out, sums, (sc_sums if sc_scale is not None else None)
 
 
@@ -337,5 +337,5 @@ def plain_conv_wgrad(
     dtype = grad.dtype
     y, a, b, c = _prologue(prologue, dtype)
     _LAUNCHES["conv_wgrad_cuda"] += 1
-    return ops.conv_wgrad_cuda(grad, x.to(dtype), None, None, ksize, stride, 1, y, a, b, c,
+    return ops.conv_wgrad_cuda(grad, as_dtype(x, dtype), None, None, ksize, stride, 1, y, a, b, c,
                                0 if splits is None else splits, channels_last)

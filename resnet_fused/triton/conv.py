@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION
+from ..kernel_set import SHORTCUT_ADD, SHORTCUT_NONE, SHORTCUT_PROJECTION, as_dtype
 from .launch import launch
 from .stats import _store_tile_stats, new_partials
 
@@ -292,13 +292,13 @@ def bn_relu_conv(
                       memory_format=torch.channels_last)
     n_tiles_m = -(-m // config.block_m)
     part = new_partials(n_tiles_m, c_out, x.device, x.dtype) if emit_stats else out
-    w = weight.to(x.dtype)  # read at its strides: no copy for a contiguous or channels_last parameter
+    w = as_dtype(weight, x.dtype)  # read at its strides: no copy for a contiguous or channels_last parameter
     if shortcut is not None:
         shortcut = _nhwc(shortcut)
         _, c_sc, h_sc, w_sc = shortcut.shape
     else:
         shortcut, c_sc, h_sc, w_sc = x, 0, 1, 1
-    sc_w = proj_weight.to(x.dtype) if proj_weight is not None else w
+    sc_w = as_dtype(proj_weight, x.dtype) if proj_weight is not None else w
     dummy = out  # pointer arguments a constexpr switch never reads
     pro_m, pro_v, pro_eps = scale_stats if scale_stats is not None else (dummy, dummy, 0.0)
     sc_m, sc_v, sc_eps = proj_stats if proj_stats is not None else (dummy, dummy, 0.0)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..kernel_set import GradPrologue
+from ..kernel_set import GradPrologue, as_dtype
 from .bn_backward import _relu_mask_store_sums
 from .conv import _dot, _zero_acc, dot_precision
 from .launch import launch
@@ -207,10 +207,11 @@ def conv_dgrad(
     p = -(-m // block_m)
     out = torch.empty_like(v, memory_format=torch.channels_last, dtype=grad.dtype)
     part = torch.empty((2, p, c_in), dtype=scale.dtype, device=v.device)
-    w_packed = weight.to(grad.dtype)  # read in place at its strides: [C_out, cin_pg, kh, kw]
+    w_packed = as_dtype(weight, grad.dtype)  # read in place at its strides: [C_out, cin_pg, kh, kw]
     if second_grad is not None:
         second_grad = _nhwc(second_grad)
-        w2 = second_weight.to(grad.dtype)[:, :, 0, 0] if second_weight.dim() == 4 else second_weight.to(grad.dtype)
+        w2 = as_dtype(second_weight, grad.dtype)
+        w2 = w2[:, :, 0, 0] if w2.dim() == 4 else w2
         k2, h2, w2_sp = second_grad.shape[1], second_grad.shape[2], second_grad.shape[3]
     else:
         second_grad, w2, k2, h2, w2_sp = grad, w_packed[:, :, 0, 0], 0, 1, 1
