@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import graph_forward, reference
 from .backends import block_backend, resolve_backend
+from .kernel_set import as_dtype
 from .ops import blocks as block_ops
 
 __all__ = ["FusedBottleneck", "FusedBasicBlock"]
@@ -246,10 +247,10 @@ class _FusedBlock:
         weights = self._conv_weights()
         w_proj = self._proj_weight()
         cast = plan.cast
-        if cast is not None:  # (a tensor already in the dtype is not touched: .to() costs 2 us)
-            x = x if x.dtype == cast else x.to(cast)
-            weights = [w if w.dtype == cast else w.to(cast) for w in weights]
-            w_proj = w_proj.to(cast) if w_proj is not None and w_proj.dtype != cast else w_proj
+        if cast is not None:
+            x = as_dtype(x, cast)
+            weights = [as_dtype(w, cast) for w in weights]
+            w_proj = as_dtype(w_proj, cast) if w_proj is not None else None
         w0 = weights[0]
         if w0.dtype != x.dtype:
             raise TypeError(
